@@ -1,0 +1,205 @@
+"""The hypervisor contract: the inventory a driver reports and the operations a backup needs.
+
+A driver is returned by the ``xobackup_hypervisor`` hook for one configured server (pool). The
+engine only talks to this interface; the XAPI protocol lives in the ``hypervisor_xcpng`` plugin.
+Objects are identified by UUID everywhere in this contract (XAPI's opaque refs stay inside the
+driver) because UUIDs are what the backup metadata and the remote layout record.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Literal
+
+PowerState = Literal["Running", "Halted", "Suspended", "Paused"]
+VmCompression = Literal["none", "gzip", "zstd"]
+DiskFormat = Literal["vhd", "raw"]
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """A host's CPU as XAPI reports it in ``host.cpu_info`` (feature masks are hex strings)."""
+
+    vendor: str
+    features: str = ""
+    features_hvm: str = ""
+    features_pv: str = ""
+    model_name: str = ""
+
+
+@dataclass(frozen=True)
+class Host:
+    uuid: str
+    name: str
+    pool_uuid: str
+    cpu: CpuInfo
+    is_master: bool = False
+
+
+@dataclass(frozen=True)
+class StorageRepository:
+    uuid: str
+    name: str
+    pool_uuid: str
+    type: str = ""
+    free_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Network:
+    uuid: str
+    name: str
+    pool_uuid: str
+    vlan: int = -1
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A VM disk (VDI attached through a VBD)."""
+
+    vdi_uuid: str
+    name: str
+    virtual_size: int
+    sr_uuid: str
+    device: str = ""
+    """The VBD's userdevice (``0``, ``1``...)."""
+    snapshot_of: str | None = None
+    """For a snapshot's disk: the live VDI it was taken from."""
+    other_config: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Vm:
+    """A VM, snapshot or checkpoint as the engine sees it."""
+
+    uuid: str
+    name: str
+    pool_uuid: str
+    power_state: PowerState
+    tags: tuple[str, ...] = ()
+    other_config: Mapping[str, str] = field(default_factory=dict)
+    blocked_operations: Mapping[str, str] = field(default_factory=dict)
+    ha_restart_priority: str = ""
+    disks: tuple[Disk, ...] = ()
+    is_snapshot: bool = False
+    snapshot_of: str | None = None
+    snapshot_time: str = ""
+    suspend_vdi_uuid: str | None = None
+    """Memory image of a checkpoint or Suspended VM."""
+    last_boot_cpu_flags: Mapping[str, str] = field(default_factory=dict)
+    resident_on: str | None = None
+    record: Mapping[str, Any] = field(default_factory=dict)
+    """The hypervisor's full record, stored as-is in backup metadata (``vm``/``vmSnapshot``)."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    uuid: str
+    name: str
+    flavour: str
+    """``xcp-ng`` or ``citrix``: decides host-side zstd and Suspended VM creation."""
+    hosts: tuple[Host, ...] = ()
+    srs: tuple[StorageRepository, ...] = ()
+    networks: tuple[Network, ...] = ()
+    default_sr_uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Everything a selector and the engine need to know about one server, read at once."""
+
+    pools: tuple[Pool, ...]
+    vms: tuple[Vm, ...]
+    """VMs, snapshots and checkpoints (templates and control domains excluded)."""
+
+    def vm(self, uuid: str) -> Vm:
+        for vm in self.vms:
+            if vm.uuid == uuid:
+                return vm
+        raise KeyError(uuid)
+
+
+class HypervisorDriver(ABC):
+    """Operations on one server. Blocking and thread-safe; streams are read by the caller.
+
+    Every method raises :class:`~xobackup_core.errors.HypervisorError` carrying the
+    hypervisor's error code when a call fails.
+    """
+
+    name: str = "hypervisor"
+
+    @abstractmethod
+    def inventory(self) -> Inventory:
+        """Pools, hosts (with CPU info), SRs, networks and VMs, read now."""
+
+    @abstractmethod
+    def snapshot(
+        self, vm_uuid: str, name: str, *, quiesce: bool = False, memory: bool = False
+    ) -> Vm:
+        """Snapshot a VM and return the snapshot.
+
+        ``quiesce`` asks for a quiesced snapshot and falls back to a plain one where the host
+        refuses (the returned record's ``other_config`` then holds ``xo:quiesce-fallback``).
+        ``memory`` takes a checkpoint (RAM included: the result has ``suspend_vdi_uuid``).
+        """
+
+    @abstractmethod
+    def export_vm(self, vm_uuid: str, *, compression: VmCompression = "none") -> BinaryIO:
+        """Stream the VM (or snapshot) as an XVA, compressed by the host when asked."""
+
+    @abstractmethod
+    def export_disk(
+        self, vdi_uuid: str, *, base_vdi_uuid: str | None = None, format: DiskFormat = "vhd"
+    ) -> BinaryIO:
+        """Stream a disk: full, or as a delta against ``base_vdi_uuid`` (whole 2 MiB blocks)."""
+
+    @abstractmethod
+    def import_vm(self, stream: BinaryIO, *, sr_uuid: str) -> str:
+        """Import an XVA stream onto an SR; return the new VM's UUID."""
+
+    @abstractmethod
+    def import_disk(self, vdi_uuid: str, stream: BinaryIO, *, format: DiskFormat = "vhd") -> None:
+        """Write a disk image (full VHD, delta VHD, or raw) into an existing VDI."""
+
+    @abstractmethod
+    def create_disk(self, *, sr_uuid: str, name: str, virtual_size: int) -> str:
+        """Create an empty VDI on an SR; return its UUID."""
+
+    @abstractmethod
+    def create_vm(
+        self,
+        metadata: Mapping[str, Any],
+        *,
+        sr_uuid: str,
+        disks: Mapping[str, str],
+        suspend_vdi_uuid: str | None = None,
+    ) -> str:
+        """Create a VM from backup metadata (the ``vm``/``vmSnapshot`` record).
+
+        ``disks`` maps the metadata's VDI UUIDs to VDIs already created on the target. With
+        ``suspend_vdi_uuid`` the VM is created Suspended on flavours that can; others raise a
+        :class:`~xobackup_core.errors.HypervisorError` saying the flavour cannot.
+        """
+
+    @abstractmethod
+    def destroy_vm(self, vm_uuid: str, *, with_disks: bool = True) -> None:
+        """Destroy a VM, snapshot or checkpoint, and its disks unless told otherwise."""
+
+    @abstractmethod
+    def update_vm(
+        self,
+        vm_uuid: str,
+        *,
+        name: str | None = None,
+        add_tags: tuple[str, ...] = (),
+        remove_tags: tuple[str, ...] = (),
+        other_config: Mapping[str, str | None] | None = None,
+        blocked_operations: Mapping[str, str | None] | None = None,
+        ha_restart_priority: str | None = None,
+    ) -> None:
+        """Change a VM's bookkeeping. A ``None`` value in a mapping removes that key."""
+
+    def close(self) -> None:
+        """Log out and release connections."""
