@@ -322,7 +322,7 @@ class JobConfig(_Strict):
     """Servers whose VMs the job considers; all servers by default."""
     remotes: list[str] = []
     srs: list[str] = []
-    """SR UUIDs to replicate to (disaster recovery in full mode, continuous replication in delta)."""
+    """SR UUIDs to replicate to: disaster recovery (full mode), continuous replication (delta)."""
     compression: Literal["", "none", "native", "gzip", "zstd"] = ""
     """Compression of XVA exports (full backup, disaster recovery); ``native`` is gzip."""
     settings: Settings = Settings()
@@ -383,7 +383,10 @@ class Config(_Strict):
                     raise _RefError(f"jobs.{job_key}.servers", "server", server, self.servers)
             if not job.remotes and not job.srs and not _has_snapshot_retention(self, job_key):
                 raise _RefError(
-                    f"jobs.{job_key}", "target", "", {},
+                    f"jobs.{job_key}",
+                    "target",
+                    "",
+                    {},
                     message="the job has no target: give 'remotes', 'srs', or a "
                     "snapshotRetention (rolling snapshots)",
                 )

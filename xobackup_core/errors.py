@@ -133,7 +133,7 @@ class RemoteTimeoutError(RemoteConnectionError):
 
 
 class HypervisorError(XobackupError):
-    """A hypervisor call failed. ``code`` is the hypervisor's error code (XAPI ``ErrorDescription[0]``)."""
+    """A hypervisor call failed; ``code`` is its error code (XAPI ``ErrorDescription[0]``)."""
 
     def __init__(self, message: str, *, code: str | None = None, params: list[str] | None = None):
         self.code = code

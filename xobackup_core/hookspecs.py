@@ -56,9 +56,7 @@ def xobackup_hypervisor(server: Mapping[str, Any]) -> HypervisorDriver | None:
 
 
 @hookspec(firstresult=True)
-def xobackup_select_vms(
-    job: Mapping[str, Any], inventory: Inventory
-) -> Sequence[Vm] | None:
+def xobackup_select_vms(job: Mapping[str, Any], inventory: Inventory) -> Sequence[Vm] | None:
     """Return the VMs a job takes now, or None to leave the choice to another selector.
 
     Called (firstresult) at the start of every run, with the validated job table and a fresh
@@ -70,7 +68,7 @@ def xobackup_select_vms(
 
 @hookspec(firstresult=True)
 def xobackup_remote(url: str, options: Mapping[str, Any]) -> Remote | None:
-    """Return a :class:`~xobackup_core.remote.Remote` for ``url``, or None if the scheme is not yours.
+    """Return a :class:`~xobackup_core.remote.Remote` for ``url``, or None if not your scheme.
 
     Called (firstresult) whenever a configured remote is opened. ``options`` is the remote's
     config table minus ``url`` (credentials as :class:`~xobackup_core.config.Secret`, ``name``

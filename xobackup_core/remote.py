@@ -150,7 +150,7 @@ class RemoteWriter(io.RawIOBase):
         if not getattr(self, "_finished", True):
             try:
                 self.abort()
-            except Exception:  # noqa: BLE001 - nothing sensible to do in a finaliser
+            except Exception:
                 pass
 
 
