@@ -154,6 +154,45 @@ class RemoteWriter(io.RawIOBase):
                 pass
 
 
+class RemoteFile(ABC):
+    """An existing file opened for positional reads and in-place writes (merges, repairs).
+
+    Only remotes with :attr:`Remote.supports_update` provide it (files on a local folder, NFS,
+    SMB, SFTP); object stores do not, which is why delta backups use VhdDirectory there.
+    Writes are durable once :meth:`flush` returns.
+    """
+
+    @abstractmethod
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``offset`` (fewer only at end of file)."""
+
+    @abstractmethod
+    def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        """Write all of ``data`` at ``offset``, growing the file if needed."""
+
+    @abstractmethod
+    def size(self) -> int:
+        """Current size in bytes."""
+
+    @abstractmethod
+    def truncate(self, size: int) -> None:
+        """Cut or extend the file to ``size`` bytes."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every write so far durable (fsync or the protocol's equivalent)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release the file."""
+
+    def __enter__(self) -> RemoteFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Remote(ABC):
     """A place where backups are stored. Blocking, thread-safe, paths per :func:`normalize_path`.
 
@@ -166,6 +205,8 @@ class Remote(ABC):
 
     #: Short display name (the config name, or the URL with any secret removed).
     name: str = "remote"
+    #: True when :meth:`open_update` works (in-place writes: VHD file merges).
+    supports_update: bool = False
 
     # -- files -------------------------------------------------------------------------------
     @abstractmethod
@@ -179,6 +220,16 @@ class Remote(ABC):
     @abstractmethod
     def open_read(self, path: str, offset: int = 0, length: int | None = None) -> BinaryIO:
         """Open ``path`` for streaming reads of ``length`` bytes from ``offset`` (None: to EOF)."""
+
+    def open_update(self, path: str) -> RemoteFile:
+        """Open an existing file for positional reads and in-place writes.
+
+        Raises :class:`~xobackup_core.errors.RemoteError` on remotes without
+        :attr:`supports_update`.
+        """
+        raise RemoteError(
+            "this remote cannot modify files in place", remote=self.name, operation="open_update"
+        )
 
     def read_range(self, path: str, offset: int, length: int) -> bytes:
         """Return exactly the bytes ``[offset, offset+length)``, fewer only at end of file."""
