@@ -11,6 +11,8 @@ import shutil
 
 import pytest
 
+pytest.register_assert_rewrite("xobackup_core.testing")
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

@@ -106,6 +106,12 @@ class RemotePathError(RemoteError, UsageError):
     exit_code = ExitCode.USAGE
 
 
+class RemoteConfigError(RemoteError, UsageError):
+    """The remote as configured cannot be used (root folder missing or unwritable, bad URL)."""
+
+    exit_code = ExitCode.USAGE
+
+
 class RemoteNotFoundError(RemoteError):
     """The file or folder does not exist."""
 

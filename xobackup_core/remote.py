@@ -12,15 +12,27 @@ can escape the root whatever the user or a corrupt metadata file says.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import re
+import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from xobackup_core.errors import RemoteError, RemotePathError
+from xobackup_core.errors import (
+    RemoteConnectionError,
+    RemoteError,
+    RemoteExistsError,
+    RemoteNoSpaceError,
+    RemoteNotFoundError,
+    RemotePathError,
+    RemotePermissionError,
+    RemoteTimeoutError,
+)
 
 TEST_FILE_SIZE = 10 * 1024 * 1024
 """Bytes written, read back and deleted by :meth:`Remote.test` (the same as XO's remote test)."""
@@ -43,6 +55,49 @@ def normalize_path(path: str) -> str:
             raise RemotePathError("'..' is not allowed in remote paths", path=path)
         parts.append(segment)
     return "/" + "/".join(parts)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
+
+
+def make_temp_name(final_name: str) -> str:
+    """The hidden name a file is written under before its atomic commit: ``.<name>.tmp-<hex>``."""
+    return f".{final_name}.tmp-{secrets.token_hex(6)}"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for names made by :func:`make_temp_name`: in-progress or abandoned writes."""
+    return bool(_TEMP_NAME.match(name))
+
+
+_ERRNO_TO_ERROR: dict[int, type[RemoteError]] = {
+    errno.ENOENT: RemoteNotFoundError,
+    errno.ENOTDIR: RemoteNotFoundError,
+    errno.EEXIST: RemoteExistsError,
+    errno.ENOTEMPTY: RemoteExistsError,
+    errno.EACCES: RemotePermissionError,
+    errno.EPERM: RemotePermissionError,
+    errno.EROFS: RemotePermissionError,
+    errno.ENOSPC: RemoteNoSpaceError,
+    errno.EDQUOT: RemoteNoSpaceError,
+    errno.EFBIG: RemoteNoSpaceError,
+    errno.ETIMEDOUT: RemoteTimeoutError,
+    errno.ECONNRESET: RemoteConnectionError,
+    errno.ECONNREFUSED: RemoteConnectionError,
+    errno.ECONNABORTED: RemoteConnectionError,
+    errno.EPIPE: RemoteConnectionError,
+    errno.EHOSTUNREACH: RemoteConnectionError,
+    errno.ENETUNREACH: RemoteConnectionError,
+    errno.ESTALE: RemoteConnectionError,
+    errno.EIO: RemoteConnectionError,
+}
+
+
+def map_os_error(error: OSError, *, remote: str, operation: str, path: str) -> RemoteError:
+    """The core's error for an ``OSError`` (by errno), naming the remote, operation and path."""
+    kind = _ERRNO_TO_ERROR.get(error.errno or 0, RemoteError)
+    detail = error.strerror or str(error) or type(error).__name__
+    return kind(detail, remote=remote, operation=operation, path=path)
 
 
 def join_path(*segments: str) -> str:
