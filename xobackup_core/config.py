@@ -31,6 +31,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
     field_validator,
     model_validator,
@@ -101,7 +102,11 @@ def _to_secret(value: Any) -> Secret:
     raise ValueError('a secret is a string, { env = "NAME" } or { file = "/path" }')
 
 
-SecretValue = Annotated[Secret, BeforeValidator(_to_secret)]
+SecretValue = Annotated[
+    Secret,
+    BeforeValidator(_to_secret),
+    PlainSerializer(lambda secret: str(secret), return_type=str, when_used="json"),
+]
 
 
 def redact_url(url: str) -> str:
@@ -423,6 +428,13 @@ class Config(_Strict):
                 if value is not None:
                     result[key] = value
         return result
+
+    def server_view(self, server_key: str) -> dict[str, Any]:
+        """The server as the ``xobackup_hypervisor`` hook receives it (secrets stay Secret)."""
+        server = self.servers[server_key]
+        data = {name: getattr(server, name) for name in ServerConfig.model_fields}
+        data["name"] = server_key
+        return data
 
     def job_view(self, job_key: str) -> dict[str, Any]:
         """The job as plugins see it (``xobackup_select_vms``): plain data with its id."""
