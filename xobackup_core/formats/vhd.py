@@ -36,6 +36,7 @@ for in-place writes (merges). Both validate the footer, header and every BAT ent
 
 from __future__ import annotations
 
+import itertools
 import uuid as uuidlib
 from abc import ABC, abstractmethod
 from array import array
@@ -454,6 +455,36 @@ class VhdFile(WritableVhdDisk):
         self.source.close()
 
 
+def verify_vhd_file(disk: VhdFile) -> None:
+    """Checks beyond those done on open: footer copy, overlapping blocks, readable bitmaps.
+
+    Raises :class:`FormatError` on the first problem.
+    """
+    if disk.header is None:
+        return
+    copy = disk.source.read_at(0, FOOTER_SIZE)
+    tail = disk.source.read_at(disk.source.size() - FOOTER_SIZE, FOOTER_SIZE)
+    if copy != tail:
+        raise FormatError(
+            "the footer copy at offset 0 differs from the footer at the end",
+            path=disk.path,
+            field="footer",
+        )
+    span = disk.header.bitmap_size + disk.header.block_size
+    starts = sorted(
+        (entry, index) for index, entry in enumerate(disk.bat) if entry != UNUSED_BAT_ENTRY
+    )
+    for (first, first_index), (second, second_index) in itertools.pairwise(starts):
+        if second * SECTOR_SIZE < first * SECTOR_SIZE + span:
+            raise FormatError(
+                f"blocks {first_index} and {second_index} overlap",
+                path=disk.path,
+                field=f"bat[{second_index}]",
+            )
+    for index in disk.allocated_blocks():
+        disk.read_block_bitmap(index)
+
+
 def _overlaps(start: int, length: int, other_start: int, other_length: int) -> bool:
     return start < other_start + other_length and other_start < start + length
 
@@ -485,4 +516,5 @@ __all__ = [
     "WritableVhdDisk",
     "bitmap_size",
     "describe",
+    "verify_vhd_file",
 ]
