@@ -1,0 +1,1 @@
+"""The backup engine: runs jobs, writes Xen Orchestra-compatible backup repositories."""
