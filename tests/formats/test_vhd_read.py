@@ -161,7 +161,7 @@ def test_missing_parent_and_wrong_uuid_are_named(
     chain = chain_builder.write(2 * BLOCK, [{0: b"a" * BLOCK}, {1: b"b" * BLOCK}])
     moved = tmp_path / "elsewhere.vhd"
     shutil.move(chain.paths[0], moved)
-    with pytest.raises(FormatError, match="parent 'disk0000.vhd' not found") as error:
+    with pytest.raises(FormatError, match=r"parent .disk0000\.vhd. not found") as error:
         open_vhd_chain(str(chain.leaf))
     assert error.value.field == "header.parent_unicode_name"
     other = chain_builder.write(2 * BLOCK, [{0: b"c" * BLOCK}], prefix="other")
