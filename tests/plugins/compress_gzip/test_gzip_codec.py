@@ -1,0 +1,266 @@
+"""The gzip codec: round trips, interoperability with gzip(1), levels, errors, constant memory."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+from xobackup_compress_gzip import GzipCodec
+from xobackup_compress_gzip.codec import CHUNK_SIZE as CHUNK
+from xobackup_compress_gzip.codec import isal_level
+
+from tests.conftest import require_tool
+from xobackup_core.compression import Codec
+from xobackup_core.errors import FormatError, UsageError
+from xobackup_core.plugins import Plugins
+
+MIB = 1 << 20
+
+
+def mixed_data(size: int, seed: int = 1) -> bytes:
+    """Random, zero and text runs of uneven lengths."""
+    rng = random.Random(seed)
+    words = [bytes(rng.choices(b"abcdefghij klmnopqrst", k=rng.randint(2, 9))) for _ in range(300)]
+    parts: list[bytes] = []
+    total = 0
+    while total < size:
+        run = rng.randint(1, 300_000)
+        kind = rng.randrange(3)
+        if kind == 0:
+            part = rng.randbytes(run)
+        elif kind == 1:
+            part = bytes(run)
+        else:
+            part = b" ".join(rng.choices(words, k=run // 5))[:run]
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)[:size]
+
+
+def compress(data: bytes, pieces: int = 65_537, **options: int) -> bytes:
+    out = io.BytesIO()
+    with GzipCodec().open_compress(out, **options) as writer:
+        for start in range(0, len(data), pieces):
+            writer.write(data[start : start + pieces])
+    return out.getvalue()
+
+
+def decompress(blob: bytes, read_size: int = -1) -> bytes:
+    reader = GzipCodec().open_decompress(io.BytesIO(blob))
+    if read_size < 0:
+        return reader.read()
+    parts = []
+    while chunk := reader.read(read_size):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 12_345])
+@pytest.mark.parametrize("threads", [0, 2])
+def test_round_trip_across_chunk_boundaries(size, threads):
+    data = mixed_data(size, seed=size)
+    blob = compress(data, threads=threads)
+    assert decompress(blob) == data
+    assert decompress(blob, read_size=99_991) == data
+    assert gzip.decompress(blob) == data  # and Python's own gzip agrees
+
+
+def test_one_large_write_and_large_reads():
+    data = mixed_data(24 * MIB, seed=7)
+    blob = compress(data, pieces=len(data), threads=2)
+    assert len(blob) < len(data) * 0.8
+    assert decompress(blob, read_size=8 * MIB) == data
+
+
+def test_writes_to_destination_are_large():
+    sizes: list[int] = []
+
+    class Recorder(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            sizes.append(len(data))
+            return len(data)
+
+    with GzipCodec().open_compress(Recorder(), threads=0) as writer:
+        for _ in range(16):
+            writer.write(os.urandom(MIB))
+    assert len(sizes) <= sum(sizes) // CHUNK + 2
+
+
+def test_level_mapping():
+    assert [isal_level(level) for level in range(1, 10)] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert isal_level(None) == 2  # gzip's default 6
+    text = mixed_data(6 * MIB, seed=3).replace(b"\0", b"a")
+    sizes = {level: len(compress(text, level=level, threads=0)) for level in (1, 6, 9)}
+    assert sizes[9] <= sizes[6] < sizes[1]
+
+
+def test_close_leaves_destination_open():
+    for threads in (0, 2):
+        out = io.BytesIO()
+        writer = GzipCodec().open_compress(out, threads=threads)
+        writer.write(b"payload" * 1000)
+        writer.close()
+        writer.close()
+        assert not out.closed
+        out.write(b"trailer")
+        assert out.getvalue().endswith(b"trailer")
+        with pytest.raises(ValueError):
+            writer.write(b"more")
+
+
+def test_decompress_leaves_source_open():
+    source = io.BytesIO(compress(b"abc" * 100))
+    with GzipCodec().open_decompress(source) as reader:
+        assert reader.read() == b"abc" * 100
+    assert not source.closed
+
+
+def test_gzip_cli_reads_our_output(tmp_path):
+    gzip_tool = require_tool("gzip")
+    data = mixed_data(5 * MIB, seed=11)
+    for threads in (0, 2):
+        for level in (1, 9):
+            path = tmp_path / f"ours-{threads}-{level}.gz"
+            path.write_bytes(compress(data, threads=threads, level=level))
+            run = subprocess.run([gzip_tool, "-d", "-c", str(path)], capture_output=True)
+            assert run.returncode == 0, run.stderr  # 2 would mean a warning (trailing garbage)
+            assert run.stdout == data
+            subprocess.run([gzip_tool, "-t", str(path)], check=True)
+
+
+@pytest.mark.parametrize("level", ["-1", "-6", "-9"])
+def test_we_read_gzip_cli_output(tmp_path, level):
+    gzip_tool = require_tool("gzip")
+    data = mixed_data(3 * MIB, seed=13)
+    source = tmp_path / "data"
+    source.write_bytes(data)
+    subprocess.run([gzip_tool, level, "-k", str(source)], check=True)  # with the file name
+    assert decompress((tmp_path / "data.gz").read_bytes(), read_size=77_777) == data
+
+
+def test_concatenated_members_read_as_one_stream():
+    first, second = mixed_data(MIB, seed=1), mixed_data(MIB, seed=2)
+    assert decompress(compress(first) + compress(second, threads=0)) == first + second
+
+
+@pytest.mark.parametrize("level", [0, 10, -1, "6", 2.5, True])
+def test_invalid_level_is_a_usage_error(level):
+    with pytest.raises(UsageError, match=r"gzip: invalid compression level .*1 to 9"):
+        GzipCodec().open_compress(io.BytesIO(), level=level)
+
+
+def test_invalid_thread_count_is_a_usage_error():
+    with pytest.raises(UsageError, match=r"gzip: invalid thread count -2"):
+        GzipCodec().open_compress(io.BytesIO(), threads=-2)
+
+
+def test_corrupt_data_is_a_format_error():
+    data = mixed_data(2 * MIB, seed=5)
+    blob = bytearray(compress(data, threads=0))
+    blob[len(blob) // 2] ^= 0x55
+    with pytest.raises(FormatError, match=r"gzip: (corrupt compressed data|compressed data ends)"):
+        decompress(bytes(blob))
+    with pytest.raises(FormatError, match=r"gzip: corrupt compressed data: Not a gzipped file"):
+        decompress(b"this is not gzip data at all")
+    with pytest.raises(FormatError, match=r"gzip: compressed data is empty"):
+        decompress(b"")
+    crc_broken = bytearray(compress(data, threads=0))
+    crc_broken[-8] ^= 0xFF
+    with pytest.raises(FormatError, match=r"gzip: corrupt compressed data: CRC check failed"):
+        decompress(bytes(crc_broken))
+
+
+def test_every_truncation_is_a_format_error():
+    data = mixed_data(600_000, seed=17)
+    blob = compress(data, threads=0)
+    rng = random.Random(4)
+    cuts = {*range(1, 30), *range(len(blob) - 30, len(blob))}
+    cuts |= {rng.randrange(1, len(blob)) for _ in range(200)}
+    for cut in sorted(cuts):
+        with pytest.raises(FormatError, match=r"gzip: (compressed data ends|corrupt)"):
+            decompress(blob[:cut], read_size=65_536)
+
+
+def test_stream_opened_in_one_thread_is_usable_in_another():
+    # ISA-L's worker threads stop when the thread that started them ends: the codec starts
+    # them at the first write, so handing an opened stream to another thread works.
+    holder = {}
+    out = io.BytesIO()
+    opener = threading.Thread(
+        target=lambda: holder.setdefault("w", GzipCodec().open_compress(out, threads=2))
+    )
+    opener.start()
+    opener.join()
+    data = mixed_data(6 * MIB, seed=23)
+
+    def write_all():
+        with holder["w"] as writer:
+            writer.write(data)
+
+    writer_thread = threading.Thread(target=write_all, daemon=True)
+    writer_thread.start()
+    writer_thread.join(timeout=60)
+    assert not writer_thread.is_alive(), "compression hung"
+    assert decompress(out.getvalue()) == data
+
+
+_MEMORY_SCRIPT = r"""
+import os, sys
+from xobackup_compress_gzip import GzipCodec
+mode, path = sys.argv[1], sys.argv[2]
+codec = GzipCodec()
+if mode == "compress":
+    zeros = bytes(4 << 20)
+    with open(path, "wb") as dst, codec.open_compress(dst, threads=2) as writer:
+        for index in range(64):  # 256 MiB, half random
+            writer.write(os.urandom(4 << 20) if index % 2 else zeros)
+else:
+    total = 0
+    with open(path, "rb") as src, codec.open_decompress(src) as reader:
+        while chunk := reader.read(4 << 20):
+            total += len(chunk)
+    assert total == 256 << 20, total
+with open("/proc/self/status") as status:
+    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+"""
+
+
+def _peak_rss_mib(*args: str) -> float:
+    # The child reports its own high-water mark (VmHWM, KiB). getrusage() is no good here:
+    # the kernel carries the RSS of the process that forked into the child's ru_maxrss across
+    # exec, and this test process is bigger than the limit being checked.
+    run = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, *args], capture_output=True, text=True, check=True
+    )
+    return int(run.stdout) / 1024
+
+
+def test_memory_stays_constant_on_256_mib(tmp_path):
+    path = str(tmp_path / "big.gz")
+    assert _peak_rss_mib("compress", path) < 100
+    assert os.path.getsize(path) < 140 * MIB
+    assert _peak_rss_mib("decompress", path) < 100
+
+
+def test_plugin_is_registered_and_listed(capsys):
+    codec = Plugins().compressor("gzip")
+    assert isinstance(codec, Codec)
+    assert (codec.name, codec.file_suffix) == ("gzip", ".gz")
+
+    from xobackup_core.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plugins"])
+    assert exit_info.value.code == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "compressor:gzip" in line]
+    assert len(listed) == 1
+    assert listed[0].split()[:2] == ["compress_gzip", "xobackup-compress-gzip"]
