@@ -1,0 +1,216 @@
+"""Merging VHD deltas into their parent: same virtual disk, resumable after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_module
+from tests.formats.conftest import BLOCK, BuiltChain, ChainBuilder, read_chain
+from xobackup_core.errors import FormatError, UsageError
+from xobackup_core.formats.source import LocalFile, LocalFileSource
+from xobackup_core.formats.vhd import VhdFile, verify_vhd_file
+from xobackup_core.formats.vhd_merge import merge_state_path, merge_vhd_chain, resume_merges
+from xobackup_core.formats.vhd_writer import ParentLink, write_vhd_stream
+
+SIZE = 16 * BLOCK
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _local_remote(folder: Path):
+    module = require_module("xobackup_remote_local")
+    return module.LocalRemote(str(folder))
+
+
+def _add_partial_child(chain: BuiltChain, seed: int) -> None:
+    """Append a differencing child whose blocks set scattered sectors only."""
+    rnd = random.Random(seed)
+    with VhdFile.open(LocalFileSource(chain.leaf)) as parent:
+        link = ParentLink(parent.uuid, chain.leaf.name, parent.footer.timestamp)
+    path = chain.leaf.with_name(f"partial{len(chain.paths):04d}.vhd")
+    with open(path, "wb") as stream:
+        write_vhd_stream(stream.write, chain.size, [], [], parent=link)
+    with LocalFile(path) as file:
+        disk = VhdFile.open_update(file, str(path))
+        for index in rnd.sample(range(chain.size // BLOCK), 3):
+            bitmap = bytearray(512)
+            data = rnd.randbytes(BLOCK)
+            for sector in rnd.sample(range(BLOCK // 512), 700):
+                bitmap[sector >> 3] |= 0x80 >> (sector & 7)
+                start = index * BLOCK + sector * 512
+                chain.expected[start : start + 512] = data[sector * 512 : sector * 512 + 512]
+            disk.write_block(index, bytes(bitmap), data)
+        disk.write_footer()
+        disk.flush()
+    chain.paths.append(path)
+
+
+def _build(builder: ChainBuilder) -> tuple[BuiltChain, bytes]:
+    """base + 3 full-block deltas + 1 partial delta + 1 newer delta that is not merged.
+
+    Returns the chain and the virtual disk of the last merged child.
+    """
+    layers = builder.random_layers(16, 4, 4)
+    layers[0].update({index: builder.block() for index in (0, 1, 15)})
+    chain = builder.write(SIZE, layers)
+    _add_partial_child(chain, seed=5)
+    merged_view = read_chain(chain.leaf)
+    assert merged_view == bytes(chain.expected)
+    with VhdFile.open(LocalFileSource(chain.leaf)) as parent:
+        link = ParentLink(parent.uuid, chain.leaf.name, parent.footer.timestamp)
+    newest = chain.leaf.with_name("newest.vhd")
+    top = {3: builder.block(), 9: builder.block()}
+    with open(newest, "wb") as stream:
+        write_vhd_stream(stream.write, SIZE, sorted(top.items()), sorted(top), parent=link)
+    for index, data in top.items():
+        chain.expected[index * BLOCK : (index + 1) * BLOCK] = data
+    chain.paths.append(newest)
+    return chain, merged_view
+
+
+def _check_merged(folder: Path, chain: BuiltChain, merged_view: bytes) -> None:
+    merged = chain.paths[-2]
+    # Listed through the remote, which hides the temporary file of a write cut by kill -9.
+    names = _local_remote(folder).list("/")
+    assert names == sorted([merged.name, "newest.vhd"]), names
+    assert read_chain(merged) == merged_view
+    assert read_chain(folder / "newest.vhd") == bytes(chain.expected)
+    with VhdFile.open(LocalFileSource(merged)) as disk:
+        assert not disk.is_differencing
+        verify_vhd_file(disk)
+
+
+def test_merge_gives_the_same_virtual_disk(tmp_path: Path) -> None:
+    chain, merged_view = _build(ChainBuilder(tmp_path, seed=1))
+    base_size = chain.paths[0].stat().st_size
+    base_blocks = VhdFile.open(LocalFileSource(chain.paths[0])).allocated_count()
+    remote = _local_remote(tmp_path)
+    names = [path.name for path in chain.paths[:-1]]
+    progress: list[tuple[int, int]] = []
+    result = merge_vhd_chain(remote, names, progress=lambda *args: progress.append(args))
+    assert result.path == "/" + names[-1]
+    _check_merged(tmp_path, chain, merged_view)
+    # Only blocks the children held were written: the file grew by the blocks it lacked.
+    with VhdFile.open(LocalFileSource(chain.paths[-2])) as disk:
+        added = disk.allocated_count() - base_blocks
+        assert disk.source.size() == base_size + added * (BLOCK + 512)
+        assert result.merged_blocks == len(progress) == progress[-1][1]
+        assert result.merged_blocks < 16
+
+
+def test_merge_refuses_a_broken_chain(tmp_path: Path) -> None:
+    chain, _ = _build(ChainBuilder(tmp_path, seed=2))
+    remote = _local_remote(tmp_path)
+    with pytest.raises(FormatError, match="is not a child of"):
+        merge_vhd_chain(remote, [chain.paths[0].name, chain.paths[2].name])
+    assert not any(name.endswith(".merge.json") for name in os.listdir(tmp_path))
+    with pytest.raises(UsageError):
+        merge_vhd_chain(remote, [chain.paths[0].name])
+
+
+def test_state_file_has_xo_fields(tmp_path: Path) -> None:
+    chain, merged_view = _build(ChainBuilder(tmp_path, seed=3))
+    remote = _local_remote(tmp_path)
+    names = [path.name for path in chain.paths[:-1]]
+    seen: list[dict] = []
+
+    def spy(done: int, total: int) -> None:
+        state_file = tmp_path / merge_state_path(names[0]).lstrip("/")
+        seen.append(json.loads(state_file.read_text()))
+
+    merge_vhd_chain(remote, names, progress=spy, state_interval=0)
+    state = seen[-1]
+    assert set(state) == {
+        "child",
+        "parent",
+        "chain",
+        "currentBlock",
+        "mergedDataSize",
+        "step",
+        "diskSize",
+    }
+    assert state["chain"] == names
+    assert state["step"] == "mergeBlocks"
+    assert state["diskSize"] == SIZE
+    assert state["currentBlock"] > seen[0]["currentBlock"]
+    _check_merged(tmp_path, chain, merged_view)
+
+
+_WORKER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from xobackup_remote_local import LocalRemote
+from xobackup_core.formats.vhd_merge import merge_vhd_chain
+remote = LocalRemote({folder!r})
+print("ready", flush=True)
+sys.stdin.readline()
+merge_vhd_chain(remote, {names!r}, progress=lambda done, total: time.sleep(0.004),
+                state_interval=0)
+print("done", flush=True)
+"""
+
+
+def _start_worker(folder: Path, names: list[str]) -> subprocess.Popen:
+    code = _WORKER.format(repo=str(REPO), folder=str(folder), names=names)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdout.readline().strip() == "ready"
+    return worker
+
+
+def test_killed_merge_resumes_to_the_same_result(tmp_path: Path) -> None:
+    require_module("xobackup_remote_local")
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    chain, merged_view = _build(ChainBuilder(pristine, seed=4))
+    names = [path.name for path in chain.paths[:-1]]
+
+    def fresh(trial: int) -> tuple[Path, BuiltChain]:
+        folder = tmp_path / f"trial{trial}"
+        shutil.copytree(pristine, folder)
+        moved = BuiltChain([folder / p.name for p in chain.paths], chain.size, chain.expected)
+        return folder, moved
+
+    folder, _ = fresh(0)
+    worker = _start_worker(folder, names)
+    start = time.monotonic()
+    worker.stdin.write("go\n")
+    worker.stdin.flush()
+    assert worker.stdout.readline().strip() == "done"
+    duration = time.monotonic() - start
+    worker.wait()
+    rnd = random.Random(11)
+    outcomes = {"killed": 0, "finished": 0, "mergeBlocks": 0, "cleanup": 0}
+    for trial in range(1, 25):
+        folder, copy = fresh(trial)
+        worker = _start_worker(folder, names)
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+        time.sleep(rnd.uniform(0, duration * 1.1))
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        outcomes["killed" if worker.returncode == -signal.SIGKILL else "finished"] += 1
+        remote = _local_remote(folder)
+        state_file = folder / merge_state_path(names[0]).lstrip("/")
+        if state_file.exists():
+            outcomes[json.loads(state_file.read_text())["step"]] += 1
+        resume_merges(remote, "/")
+        if (folder / names[0]).exists():  # killed before the merge wrote its state
+            merge_vhd_chain(remote, names)
+        _check_merged(folder, copy, merged_view)
+        shutil.rmtree(folder)
+    assert outcomes["killed"] >= 20, outcomes
+    assert outcomes["mergeBlocks"] >= 10, outcomes  # most kills land while blocks are copied
