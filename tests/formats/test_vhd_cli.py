@@ -1,0 +1,78 @@
+"""``xobackup vhd info|check|cat`` on local files and on a file:// remote."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from tests.conftest import require_module
+from tests.formats.conftest import BLOCK, ChainBuilder
+from xobackup_core.cli.main import cli
+from xobackup_core.errors import ExitCode
+from xobackup_core.formats.source import LocalFile
+
+
+def _run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_info_check_cat_on_a_chain(tmp_path: Path, chain_builder: ChainBuilder) -> None:
+    chain = chain_builder.write(10 * BLOCK, chain_builder.random_layers(10, 3, 3))
+    leaf = str(chain.leaf)
+    result = _run("vhd", "info", leaf)
+    assert result.exit_code == 0, result.output
+    assert "type: differencing" in result.output
+    assert f"parent: {chain.paths[1].name}" in result.output
+    assert "chain: 3 disk(s), virtual size 20971520 bytes" in result.output
+    result = _run("vhd", "check", leaf)
+    assert result.exit_code == 0 and "OK" in result.output
+    out = tmp_path / "disk.raw"
+    assert _run("vhd", "cat", leaf, "-o", str(out)).exit_code == 0
+    assert out.read_bytes() == bytes(chain.expected)
+    # Through stdout, in a real process (binary-safe, streaming).
+    piped = subprocess.run(
+        [sys.executable, "-m", "xobackup_core.cli", "vhd", "cat", leaf],
+        check=True,
+        capture_output=True,
+    )
+    assert piped.stdout == bytes(chain.expected)
+
+
+def test_remote_paths(tmp_path: Path, chain_builder: ChainBuilder) -> None:
+    require_module("xobackup_remote_local")
+    chain = chain_builder.write(4 * BLOCK, chain_builder.random_layers(4, 2, 2))
+    url = f"file://{tmp_path}"
+    result = _run("vhd", "info", "--remote", url, chain.leaf.name)
+    assert result.exit_code == 0, result.output
+    assert "chain: 2 disk(s)" in result.output
+    out = tmp_path / "out.raw"
+    assert _run("vhd", "cat", "--remote", url, chain.leaf.name, "-o", str(out)).exit_code == 0
+    assert out.read_bytes() == bytes(chain.expected)
+    result = _run("vhd", "check", "--remote", url, "missing.vhd")
+    assert result.exit_code == ExitCode.USAGE
+    assert "missing.vhd: no such file" in result.output
+
+
+def test_check_reports_corruption_with_exit_code_data(
+    tmp_path: Path, chain_builder: ChainBuilder
+) -> None:
+    chain = chain_builder.write(4 * BLOCK, chain_builder.random_layers(4, 2, 2))
+    with LocalFile(chain.paths[0]) as file:
+        original = file.read_at(512 + 20, 1)
+        file.write_at(512 + 20, b"\x01")  # inside the base's header: checksum mismatch
+    result = _run("vhd", "check", str(chain.leaf))
+    assert result.exit_code == ExitCode.DATA
+    assert f"{chain.paths[0]}: header.checksum: checksum is" in result.output
+    assert "Traceback" not in result.output
+    with LocalFile(chain.paths[0]) as file:
+        file.write_at(512 + 20, original)
+    assert _run("vhd", "check", str(chain.leaf)).exit_code == 0
+    with LocalFile(chain.paths[1]) as file:
+        file.write_at(0, b"\x00")  # footer copy differs from the trailing footer
+    result = _run("vhd", "check", str(chain.leaf))
+    assert result.exit_code == ExitCode.DATA
+    assert "footer copy at offset 0 differs" in result.output
+    assert _run("vhd", "info", str(tmp_path / "nope.vhd")).exit_code == ExitCode.USAGE
