@@ -1,0 +1,813 @@
+"""The S3 remote: boto3, streaming multipart uploads, ranged reads, virtual folders.
+
+* Writes stream as a multipart upload whose parts are sent in parallel (a bounded number in
+  flight, so memory does not grow with the stream). Parts start at 5 MiB (S3's minimum) and
+  double every 1,000 parts, so the 10,000-part limit covers about 4.9 TiB without a size hint;
+  with a size hint the first part is already large enough for the hinted size
+  (xo-backups.md §10.5). Committing completes the upload (a small file is one PutObject);
+  aborting calls AbortMultipartUpload. An upload cut by a dead server is never visible under
+  its key; :meth:`S3Remote.abort_incomplete_uploads` removes what it left.
+* Rename is CopyObject (multipart copy above 5 GiB, by boto3's managed copy) then delete.
+* Folders do not exist in S3: ``makedirs`` does nothing and a prefix with children is a folder.
+* Transient failures (connection reset, timeouts, 5xx, SlowDown) are retried by botocore's
+  ``standard`` retry mode (exponential backoff with jitter); permanent ones are not.
+* Object Lock: a refused delete or overwrite of a locked object becomes a
+  :class:`RemotePermissionError` that says the object is locked (and until when), at once.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import boto3
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from xobackup_core.config import Secret, parse_duration, redact_url
+from xobackup_core.errors import (
+    RemoteConfigError,
+    RemoteConnectionError,
+    RemoteError,
+    RemoteNoSpaceError,
+    RemoteNotFoundError,
+    RemotePermissionError,
+    RemoteTimeoutError,
+)
+from xobackup_core.remote import Remote, RemoteStat, RemoteWriter, normalize_path
+
+T = TypeVar("T")
+
+SCHEMES = ("s3", "s3+http", "s3+https")
+MiB = 1024 * 1024
+MIN_PART_SIZE = 5 * MiB
+"""S3's smallest allowed part (except the last)."""
+MAX_PART_SIZE = 5 * 1024 * MiB
+MAX_PARTS = 10_000
+PARTS_PER_SIZE_STEP = 1_000
+"""Without a size hint the part size doubles every this many parts."""
+COPY_LIMIT = 5 * 1024 * MiB
+"""CopyObject's limit: larger objects are copied part by part."""
+DELETE_BATCH = 1_000
+"""DeleteObjects takes at most 1,000 keys per request."""
+
+_OPTIONS = {
+    "name": "display name in messages (default: the URL without secrets)",
+    "endpoint": "URL of an S3-compatible server (default: AWS)",
+    "region": "region (default: the environment's, else us-east-1)",
+    "path_style": "path-style addressing (host/bucket/key); default true with an endpoint",
+    "access_key": "access key id (default: the environment / AWS config)",
+    "secret_key": "secret access key (a secret)",
+    "session_token": "temporary session token (a secret)",
+    "connect_timeout": "seconds to connect; default 30",
+    "timeout": "seconds a request may wait for data; default 600",
+    "retries": "attempts after a transient failure (5xx, SlowDown, reset); default 5",
+    "part_size": "first multipart part size in bytes (>= 5 MiB); default 5 MiB",
+    "upload_concurrency": "parts of one file uploaded in parallel; default 4",
+    "checksums": "'when_supported' (default) or 'when_required' for older S3-compatible servers",
+    "verify_tls": "check the server's TLS certificate; default true (or a CA bundle path)",
+    "purge_versions": "delete every version of a file (versioned buckets), not just hide it",
+}
+
+
+def part_size_for(part_number: int, first_part_size: int = MIN_PART_SIZE) -> int:
+    """Size of part ``part_number`` (1-based) of a stream of unknown length.
+
+    Doubling every :data:`PARTS_PER_SIZE_STEP` parts keeps the 10,000-part limit out of reach
+    for any stream S3 can hold, while small streams keep small parts (little memory).
+    """
+    step = (part_number - 1) // PARTS_PER_SIZE_STEP
+    return min(first_part_size << step, MAX_PART_SIZE)
+
+
+def first_part_size(size_hint: int | None, minimum: int = MIN_PART_SIZE) -> int:
+    """The first part's size: enough for ``size_hint`` bytes in 10,000 equal parts."""
+    if not size_hint:
+        return minimum
+    needed = math.ceil(size_hint / MAX_PARTS)
+    return min(max(minimum, math.ceil(needed / MiB) * MiB), MAX_PART_SIZE)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str
+    prefix: str
+    endpoint: str | None
+    region: str | None
+    path_style: bool | None
+    access_key: str | None
+    secret_key: Secret | None
+    session_token: Secret | None
+    connect_timeout: float = 30.0
+    timeout: float = 600.0
+    retries: int = 5
+    part_size: int = MIN_PART_SIZE
+    upload_concurrency: int = 4
+    checksums: str = "when_supported"
+    verify_tls: bool | str = True
+    purge_versions: bool = False
+
+
+def _secret(value: Any) -> Secret | None:
+    if value is None or isinstance(value, Secret):
+        return value
+    return Secret(str(value))
+
+
+def _error_code(error: botocore.exceptions.ClientError) -> tuple[str, int, str]:
+    details = error.response.get("Error", {})
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return str(details.get("Code", "")), int(status or 0), str(details.get("Message", ""))
+
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchVersion"}
+_CREDENTIALS = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidSecurity",
+}
+_TRANSIENT = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
+
+
+class _RangeError(RemoteError):
+    """A ranged GET starting at or after the end of the object: there is nothing to read."""
+
+    def __init__(self) -> None:
+        super().__init__("range not satisfiable")
+
+
+class _S3Writer(RemoteWriter):
+    """Buffers one part at a time and uploads parts in parallel; commit completes the upload."""
+
+    def __init__(self, remote: S3Remote, path: str, size_hint: int | None) -> None:
+        super().__init__()
+        self._remote = remote
+        self._path = path
+        self._key = remote._key(path)
+        self._first_part = first_part_size(size_hint, remote.settings.part_size)
+        self._part_size = self._first_part
+        self._buffer = bytearray()
+        self._part_number = 0
+        self._upload_id: str | None = None
+        self._parts: list[Future[dict[str, Any]]] = []
+        self._slots = threading.Semaphore(remote.settings.upload_concurrency)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _write(self, data: memoryview) -> None:
+        while data:
+            take = self._part_size - len(self._buffer)
+            self._buffer += data[:take]
+            data = data[take:]
+            if len(self._buffer) >= self._part_size:
+                self._send_part()
+
+    def _raise_failed_part(self) -> None:
+        for future in self._parts:
+            if future.done() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+
+    def _send_part(self) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._remote._call(
+                "write",
+                self._path,
+                lambda c: c.create_multipart_upload(
+                    Bucket=self._remote.settings.bucket, Key=self._key
+                )["UploadId"],
+            )
+            self._pool = ThreadPoolExecutor(
+                max_workers=self._remote.settings.upload_concurrency,
+                thread_name_prefix="s3-part",
+            )
+        self._part_number += 1
+        if self._part_number > MAX_PARTS:
+            raise RemoteError(
+                f"the stream needs more than {MAX_PARTS} parts; give a size hint",
+                remote=self._remote.name,
+                operation="write",
+                path=self._path,
+            )
+        body = bytes(self._buffer)
+        self._buffer = bytearray()
+        self._part_size = max(
+            self._first_part, part_size_for(self._part_number + 1, self._remote.settings.part_size)
+        )
+        # The semaphore bounds the parts held in memory: at most upload_concurrency + 1.
+        self._slots.acquire()
+        self._raise_failed_part()
+        assert self._pool is not None
+        self._parts.append(self._pool.submit(self._upload_part, self._part_number, body))
+
+    def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
+        try:
+            response = self._remote._call(
+                "write",
+                self._path,
+                lambda c: c.upload_part(
+                    Bucket=self._remote.settings.bucket,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    PartNumber=number,
+                    Body=body,
+                ),
+            )
+            return {"PartNumber": number, "ETag": response["ETag"]}
+        finally:
+            self._slots.release()
+
+    def _commit(self) -> None:
+        settings = self._remote.settings
+        if self._upload_id is None:
+            body = bytes(self._buffer)
+            self._buffer = bytearray()
+            self._remote._call(
+                "write",
+                self._path,
+                lambda c: c.put_object(Bucket=settings.bucket, Key=self._key, Body=body),
+            )
+            return
+        if self._buffer:
+            self._send_part()
+        parts = [future.result() for future in self._parts]
+        self._shutdown()
+        self._remote._call(
+            "write",
+            self._path,
+            lambda c: c.complete_multipart_upload(
+                Bucket=settings.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            ),
+        )
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _abort(self) -> None:
+        self._buffer = bytearray()
+        self._shutdown()
+        if self._upload_id is None:
+            return
+        upload_id, self._upload_id = self._upload_id, None
+        try:
+            self._remote._client.abort_multipart_upload(
+                Bucket=self._remote.settings.bucket, Key=self._key, UploadId=upload_id
+            )
+        except Exception:
+            # Server unreachable: the parts stay invisible; abort_incomplete_uploads() cleans up.
+            pass
+
+
+class _S3Reader(io.RawIOBase):
+    """The body of a (ranged) GET; a transient failure resumes with a new ranged GET."""
+
+    def __init__(self, remote: S3Remote, path: str, offset: int, length: int | None) -> None:
+        super().__init__()
+        self._remote = remote
+        self._path = path
+        self._position = offset
+        self._end = None if length is None else offset + length
+        self._body: Any = None
+        self._resumes = 0
+        self._open()
+
+    def _open(self) -> None:
+        if self._end is not None and self._position >= self._end:
+            self._body = None
+            return
+        last = "" if self._end is None else str(self._end - 1)
+        arguments: dict[str, Any] = {
+            "Bucket": self._remote.settings.bucket,
+            "Key": self._remote._key(self._path),
+        }
+        if self._position or last:
+            arguments["Range"] = f"bytes={self._position}-{last}"
+        try:
+            self._body = self._remote._call(
+                "read", self._path, lambda c: c.get_object(**arguments)
+            )["Body"]
+        except _RangeError:
+            self._body = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self._body is None:
+            return 0
+        while True:
+            try:
+                data = self._body.read(len(buffer))
+                break
+            except Exception as error:
+                mapped = self._remote._map(error, "read", self._path)
+                if not mapped.transient or self._resumes >= self._remote.settings.retries:
+                    raise mapped from None
+                self._resumes += 1
+                self._open()
+                if self._body is None:
+                    return 0
+        count = len(data)
+        buffer[:count] = data
+        self._position += count
+        return count
+
+    def close(self) -> None:
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+        super().close()
+
+
+class S3Remote(Remote):
+    """An S3 bucket (or a prefix in it) as a remote.
+
+    URLs: ``s3://bucket/prefix`` (AWS, or the ``endpoint`` option), and
+    ``s3+http://host:port/bucket/prefix`` / ``s3+https://...`` for S3-compatible servers
+    (path-style). Credentials: ``access_key`` and ``secret_key`` (secret) options, the
+    ``ak:sk@`` user-info of the URL, or the environment / AWS config files.
+    Other options: ``region``, ``path_style``, ``connect_timeout`` (30 s), ``timeout`` (600 s),
+    ``retries`` (5), ``part_size`` (5 MiB), ``upload_concurrency`` (4), ``checksums``,
+    ``verify_tls``, ``purge_versions``.
+    """
+
+    supports_update = False
+
+    def __init__(self, settings: S3Settings, *, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self._lock_config: bool | None = None
+        session = boto3.session.Session(
+            aws_access_key_id=settings.access_key,
+            aws_secret_access_key=settings.secret_key.reveal() if settings.secret_key else None,
+            aws_session_token=settings.session_token.reveal() if settings.session_token else None,
+            region_name=settings.region,
+        )
+        addressing = "auto"
+        if settings.path_style is True or (settings.path_style is None and settings.endpoint):
+            addressing = "path"
+        elif settings.path_style is False:
+            addressing = "virtual"
+        config = Config(
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.timeout,
+            retries={"mode": "standard", "total_max_attempts": settings.retries + 1},
+            s3={"addressing_style": addressing},
+            max_pool_connections=max(10, settings.upload_concurrency * 4),
+            request_checksum_calculation=settings.checksums,
+            response_checksum_validation="when_required",
+            user_agent_extra="xobackup",
+        )
+        try:
+            self._client = session.client(
+                "s3",
+                endpoint_url=settings.endpoint,
+                region_name=settings.region or session.region_name or "us-east-1",
+                config=config,
+                verify=settings.verify_tls,
+            )
+        except ValueError as error:
+            raise RemoteConfigError(f"invalid S3 settings: {error}", remote=name) from None
+        try:
+            self._call("open", "/", lambda c: c.head_bucket(Bucket=settings.bucket))
+        except RemoteNotFoundError:
+            raise RemoteConfigError(
+                f"bucket {settings.bucket!r} does not exist"
+                + (f" on {settings.endpoint}" if settings.endpoint else ""),
+                remote=name,
+                operation="open",
+            ) from None
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_url(cls, url: str, options: Mapping[str, Any]) -> S3Remote:
+        """Parse an ``s3://``, ``s3+http://`` or ``s3+https://`` URL and the remote's options."""
+        name = str(options.get("name") or redact_url(url))
+        unknown = sorted(set(options) - set(_OPTIONS) - {"username", "password"})
+        if unknown:
+            raise RemoteConfigError(
+                f"unknown option(s) {', '.join(unknown)}; s3 options: "
+                + "; ".join(f"{k}: {v}" for k, v in _OPTIONS.items()),
+                remote=name,
+            )
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as error:
+            raise RemoteConfigError(f"invalid S3 URL: {error}", remote=name) from None
+        path = unquote(parts.path or "")
+        endpoint = options.get("endpoint")
+        if parts.scheme == "s3":
+            bucket = parts.hostname or ""
+            rest = path
+        else:
+            protocol = parts.scheme.split("+", 1)[1]
+            host = parts.hostname or ""
+            if not host:
+                raise RemoteConfigError(
+                    f"the URL has no host: write {parts.scheme}://host[:port]/bucket/prefix",
+                    remote=name,
+                )
+            netloc = host if parts.port is None else f"{host}:{parts.port}"
+            endpoint = endpoint or f"{protocol}://{netloc}"
+            bucket, _, rest = path.lstrip("/").partition("/")
+        if not bucket:
+            raise RemoteConfigError(
+                "the URL names no bucket: write s3://bucket/prefix", remote=name
+            )
+        prefix = normalize_path(rest).strip("/")
+        access_key = options.get("access_key") or (
+            unquote(parts.username) if parts.username else None
+        )
+        secret_key = _secret(options.get("secret_key"))
+        if secret_key is None and parts.password is not None:
+            secret_key = Secret(unquote(parts.password))
+        if (access_key is None) != (secret_key is None):
+            raise RemoteConfigError(
+                "give both access_key and secret_key, or neither (to use the environment)",
+                remote=name,
+            )
+        try:
+            settings = S3Settings(
+                bucket=bucket,
+                prefix=f"{prefix}/" if prefix else "",
+                endpoint=endpoint,
+                region=options.get("region"),
+                path_style=options.get("path_style"),
+                access_key=access_key,
+                secret_key=secret_key,
+                session_token=_secret(options.get("session_token")),
+                connect_timeout=parse_duration(options.get("connect_timeout", 30)),
+                timeout=parse_duration(options.get("timeout", 600)),
+                retries=int(options.get("retries", 5)),
+                part_size=int(options.get("part_size", MIN_PART_SIZE)),
+                upload_concurrency=max(1, int(options.get("upload_concurrency", 4))),
+                checksums=str(options.get("checksums", "when_supported")),
+                verify_tls=options.get("verify_tls", True),
+                purge_versions=bool(options.get("purge_versions", False)),
+            )
+        except (TypeError, ValueError) as error:
+            raise RemoteConfigError(f"invalid option: {error}", remote=name) from None
+        if not MIN_PART_SIZE <= settings.part_size <= MAX_PART_SIZE:
+            raise RemoteConfigError(
+                f"part_size must be between {MIN_PART_SIZE} and {MAX_PART_SIZE} bytes",
+                remote=name,
+            )
+        if settings.checksums not in ("when_supported", "when_required"):
+            raise RemoteConfigError(
+                "checksums must be 'when_supported' or 'when_required'", remote=name
+            )
+        return cls(settings, name=name)
+
+    # -- keys, calls and errors --------------------------------------------------------------
+    def _key(self, path: str) -> str:
+        return self.settings.prefix + normalize_path(path)[1:]
+
+    def _folder_prefix(self, path: str) -> str:
+        relative = normalize_path(path)[1:]
+        return self.settings.prefix + (f"{relative}/" if relative else "")
+
+    def _call(self, operation: str, path: str | None, function: Callable[[Any], T]) -> T:
+        try:
+            return function(self._client)
+        except RemoteError:
+            raise
+        except Exception as error:
+            raise self._map(error, operation, path) from None
+
+    def _map(self, error: BaseException, operation: str, path: str | None) -> RemoteError:
+        """The core's error for a boto3 failure: names remote, operation and path, no secret."""
+        if isinstance(error, RemoteError):
+            return error
+        kwargs: dict[str, Any] = {"remote": self.name, "operation": operation, "path": path}
+        where = self.settings.endpoint or "AWS S3"
+        if isinstance(error, botocore.exceptions.ClientError):
+            code, status, message = _error_code(error)
+            if code == "InvalidRange" or status == 416:
+                return _RangeError()
+            if code == "NoSuchBucket":
+                return RemoteConfigError(
+                    f"bucket {self.settings.bucket!r} does not exist", **kwargs
+                )
+            if code in _NOT_FOUND or status == 404:
+                return RemoteNotFoundError("no such file", **kwargs)
+            if code in _CREDENTIALS:
+                return RemotePermissionError(
+                    f"the credentials were refused by {where} ({code})", **kwargs
+                )
+            if code in ("AccessDenied", "403") or status == 403:
+                return RemotePermissionError(f"access denied by {where} ({code})", **kwargs)
+            if code in ("EntityTooLarge", "QuotaExceeded"):
+                return RemoteNoSpaceError(f"{code}: {message}", **kwargs)
+            if code in _TRANSIENT or status >= 500:
+                return RemoteConnectionError(f"{where} failed: {code} {message}".strip(), **kwargs)
+            return RemoteError(f"{code}: {message}" if message else code, **kwargs)
+        if isinstance(
+            error, botocore.exceptions.ConnectTimeoutError | botocore.exceptions.ReadTimeoutError
+        ):
+            return RemoteTimeoutError(f"no answer from {where} within the timeout", **kwargs)
+        if isinstance(error, botocore.exceptions.NoCredentialsError):
+            return RemoteConfigError(
+                "no credentials: set access_key and secret_key, or AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY",
+                **kwargs,
+            )
+        if isinstance(
+            error,
+            botocore.exceptions.EndpointConnectionError
+            | botocore.exceptions.ConnectionError
+            | botocore.exceptions.HTTPClientError
+            | botocore.exceptions.IncompleteReadError
+            | botocore.exceptions.ResponseStreamingError
+            | ConnectionError,
+        ):
+            return RemoteConnectionError(f"cannot reach {where}: {type(error).__name__}", **kwargs)
+        if isinstance(error, TimeoutError):
+            return RemoteTimeoutError(f"no answer from {where} within the timeout", **kwargs)
+        return RemoteError(f"{type(error).__name__}: {error}", **kwargs)
+
+    def _locked_error(
+        self, error: RemoteError, key: str, version_id: str | None = None
+    ) -> RemoteError:
+        """Turn an access-denied delete/overwrite of a locked object into a clear message."""
+        if not isinstance(error, RemotePermissionError) or "credentials" in error.detail:
+            return error
+        arguments: dict[str, Any] = {"Bucket": self.settings.bucket, "Key": key}
+        if version_id:
+            arguments["VersionId"] = version_id
+        try:
+            head = self._client.head_object(**arguments)
+        except Exception:
+            return error
+        mode = head.get("ObjectLockMode")
+        until = head.get("ObjectLockRetainUntilDate")
+        hold = head.get("ObjectLockLegalHoldStatus") == "ON"
+        if not (mode or hold):
+            return error
+        reasons = []
+        if mode:
+            reasons.append(f"{mode} retention until {until.isoformat() if until else '?'}")
+        if hold:
+            reasons.append("a legal hold")
+        return RemotePermissionError(
+            f"the object is locked by S3 Object Lock ({', '.join(reasons)}); it cannot be "
+            "deleted or replaced before then",
+            remote=error.remote,
+            operation=error.operation,
+            path=error.path,
+        )
+
+    # -- files -------------------------------------------------------------------------------
+    def open_write(self, path: str, size_hint: int | None = None) -> RemoteWriter:
+        """Start a streaming upload; ``size_hint`` (bytes) sizes the parts for huge streams."""
+        return _S3Writer(self, normalize_path(path), size_hint)
+
+    def open_read(self, path: str, offset: int = 0, length: int | None = None) -> BinaryIO:
+        path = normalize_path(path)
+        raw = _S3Reader(self, path, offset, length)
+        return io.BufferedReader(raw, buffer_size=1024 * 1024)  # type: ignore[return-value]
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        path = normalize_path(path)
+        if length <= 0:
+            return b""
+        try:
+            response = self._call(
+                "read",
+                path,
+                lambda c: c.get_object(
+                    Bucket=self.settings.bucket,
+                    Key=self._key(path),
+                    Range=f"bytes={offset}-{offset + length - 1}",
+                ),
+            )
+        except _RangeError:
+            return b""
+        return self._call("read", path, lambda c: response["Body"].read())
+
+    # -- namespace ---------------------------------------------------------------------------
+    def _paginate(self, operation: str, path: str, **arguments: Any) -> Iterator[dict[str, Any]]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.settings.bucket, **arguments)
+        iterator = iter(pages)
+        while True:
+            try:
+                page = next(iterator)
+            except StopIteration:
+                return
+            except Exception as error:
+                raise self._map(error, operation, path) from None
+            yield page
+
+    def list(self, path: str = "/") -> list[str]:
+        path = normalize_path(path)
+        prefix = self._folder_prefix(path)
+        names: set[str] = set()
+        for page in self._paginate("list", path, Prefix=prefix, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                name = common["Prefix"][len(prefix) :].rstrip("/")
+                if name:
+                    names.add(name)
+            for item in page.get("Contents", []):
+                name = item["Key"][len(prefix) :]
+                if name:  # a "folder/" marker object made by other tools
+                    names.add(name)
+        return sorted(names)
+
+    def stat(self, path: str) -> RemoteStat:
+        path = normalize_path(path)
+        if path == "/":
+            return RemoteStat(size=0, mtime=0.0, is_dir=True)
+        try:
+            head = self._call(
+                "stat",
+                path,
+                lambda c: c.head_object(Bucket=self.settings.bucket, Key=self._key(path)),
+            )
+            return RemoteStat(
+                size=int(head["ContentLength"]),
+                mtime=head["LastModified"].timestamp(),
+                is_dir=False,
+            )
+        except RemoteNotFoundError:
+            pass
+        for page in self._paginate("stat", path, Prefix=self._folder_prefix(path), MaxKeys=1):
+            if page.get("KeyCount", 0) or page.get("Contents"):
+                return RemoteStat(size=0, mtime=0.0, is_dir=True)
+            break
+        raise RemoteNotFoundError(
+            "no such file or folder", remote=self.name, operation="stat", path=path
+        )
+
+    def rename(self, source: str, target: str) -> None:
+        source, target = normalize_path(source), normalize_path(target)
+        where = f"{source} -> {target}"
+        size = self.stat(source).size
+        bucket = self.settings.bucket
+        copy_source = {"Bucket": bucket, "Key": self._key(source)}
+        if size <= COPY_LIMIT:
+            self._call(
+                "rename",
+                where,
+                lambda c: c.copy_object(
+                    Bucket=bucket, Key=self._key(target), CopySource=copy_source
+                ),
+            )
+        else:
+            transfer = TransferConfig(
+                multipart_threshold=COPY_LIMIT,
+                multipart_chunksize=max(512 * MiB, first_part_size(size)),
+                max_concurrency=self.settings.upload_concurrency,
+            )
+            self._call(
+                "rename",
+                where,
+                lambda c: c.copy(copy_source, bucket, self._key(target), Config=transfer),
+            )
+        self._delete_key(source, "rename")
+
+    def _delete_key(self, path: str, operation: str) -> None:
+        key = self._key(path)
+        try:
+            if self.settings.purge_versions:
+                self._delete_keys([key], operation, path, versions=True)
+            else:
+                self._call(
+                    operation, path, lambda c: c.delete_object(Bucket=self.settings.bucket, Key=key)
+                )
+        except RemotePermissionError as error:
+            raise self._locked_error(error, key) from None
+
+    def delete(self, path: str, *, missing_ok: bool = False) -> None:
+        path = normalize_path(path)
+        # S3 deletes a missing key without complaint; the contract wants to know.
+        try:
+            self._call(
+                "delete",
+                path,
+                lambda c: c.head_object(Bucket=self.settings.bucket, Key=self._key(path)),
+            )
+        except RemoteNotFoundError:
+            if missing_ok:
+                return
+            raise
+        self._delete_key(path, "delete")
+
+    def _delete_keys(
+        self, keys: list[str], operation: str, path: str, *, versions: bool = False
+    ) -> None:
+        objects: list[dict[str, str]] = []
+        if versions:
+            for key in keys:
+                paginator = self._client.get_paginator("list_object_versions")
+                try:
+                    for page in paginator.paginate(Bucket=self.settings.bucket, Prefix=key):
+                        for entry in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+                            if entry["Key"] == key:
+                                objects.append({"Key": key, "VersionId": entry["VersionId"]})
+                except Exception as error:
+                    raise self._map(error, operation, path) from None
+        else:
+            objects = [{"Key": key} for key in keys]
+        for start in range(0, len(objects), DELETE_BATCH):
+            batch = objects[start : start + DELETE_BATCH]
+            response = self._call(
+                operation,
+                path,
+                lambda c, batch=batch: c.delete_objects(
+                    Bucket=self.settings.bucket, Delete={"Objects": batch, "Quiet": True}
+                ),
+            )
+            for failure in response.get("Errors", []):
+                code = failure.get("Code", "")
+                failed_path = "/" + failure.get("Key", "")[len(self.settings.prefix) :]
+                error: RemoteError
+                if code == "AccessDenied":
+                    error = RemotePermissionError(
+                        f"access denied ({code})",
+                        remote=self.name,
+                        operation=operation,
+                        path=failed_path,
+                    )
+                    raise self._locked_error(
+                        error, failure.get("Key", ""), failure.get("VersionId")
+                    )
+                if code in _NOT_FOUND:
+                    continue
+                raise RemoteError(
+                    f"{code}: {failure.get('Message', '')}",
+                    remote=self.name,
+                    operation=operation,
+                    path=failed_path,
+                )
+
+    def delete_tree(self, path: str) -> None:
+        path = normalize_path(path)
+        prefix = self._folder_prefix(path)
+        folders = {prefix} if prefix else set()
+        keys: list[str] = []
+        for page in self._paginate("delete_tree", path, Prefix=prefix):
+            for item in page.get("Contents", []):
+                keys.append(item["Key"])
+                folder = item["Key"].rpartition("/")[0]
+                while len(folder) + 1 > len(prefix):
+                    folders.add(folder + "/")
+                    folder = folder.rpartition("/")[0]
+            if len(keys) >= DELETE_BATCH:
+                self._delete_keys(keys, "delete_tree", path, versions=self.settings.purge_versions)
+                keys = []
+        if keys:
+            self._delete_keys(keys, "delete_tree", path, versions=self.settings.purge_versions)
+        if path != "/" and self._lists_empty_prefix(path):
+            # Filer-backed servers (SeaweedFS) keep emptied folders and list them; deleting
+            # the folder names, deepest first, removes them. Real S3 never gets here.
+            markers = sorted(folders, key=lambda f: f.count("/"), reverse=True)
+            self._delete_keys(markers, "delete_tree", path)
+
+    def _lists_empty_prefix(self, path: str) -> bool:
+        """True when the server still lists the (now empty) folder ``path`` as a prefix."""
+        target = self._folder_prefix(path)
+        for page in self._paginate("delete_tree", path, Prefix=target[:-1], Delimiter="/"):
+            if any(c["Prefix"] == target for c in page.get("CommonPrefixes", [])):
+                return True
+        return False
+
+    def makedirs(self, path: str) -> None:
+        """Nothing to do: S3 has no folders (a prefix exists as soon as a key uses it)."""
+        normalize_path(path)
+
+    def abort_incomplete_uploads(self) -> int:
+        """Abort every unfinished multipart upload under the remote's prefix; return the count.
+
+        Uploads cut by a crash or a dead connection keep their parts (and their cost) until
+        aborted; they are never visible as objects.
+        """
+        count = 0
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        try:
+            for page in paginator.paginate(
+                Bucket=self.settings.bucket, Prefix=self.settings.prefix
+            ):
+                for upload in page.get("Uploads", []):
+                    self._client.abort_multipart_upload(
+                        Bucket=self.settings.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    count += 1
+        except Exception as error:
+            raise self._map(error, "abort_incomplete_uploads", "/") from None
+        return count
+
+    def close(self) -> None:
+        self._client.close()
