@@ -686,7 +686,11 @@ def detect_compression(head: bytes) -> Compression | None:
 
 
 class _PrefixedReader(io.RawIOBase):
-    """A stream whose first bytes were already read (to sniff the compression)."""
+    """A stream whose first bytes were already read (to sniff the compression).
+
+    ``read`` passes straight through to the underlying stream once the prefix is consumed,
+    so a plain XVA is read without an extra buffer copy.
+    """
 
     def __init__(self, prefix: bytes, rest: BinaryIO) -> None:
         super().__init__()
@@ -696,16 +700,20 @@ class _PrefixedReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        if self._prefix:
+            if size < 0 or size >= len(self._prefix):
+                head, self._prefix = self._prefix, b""
+                if size < 0:
+                    return head + self._rest.read()
+                return head
+            head, self._prefix = self._prefix[:size], self._prefix[size:]
+            return head
+        return self._rest.read(size)
+
     def readinto(self, buffer: Any) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
-        if self._prefix:
-            n = min(len(view), len(self._prefix))
-            view[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            return n
-        data = self._rest.read(len(view))
-        if not data:
-            return 0
+        data = self.read(len(view))
         view[: len(data)] = data
         return len(data)
 
@@ -755,7 +763,7 @@ def open_decompressed(source: BinaryIO, name: str = "XVA") -> BinaryIO:
             stream, read_across_frames=True
         )
     else:
-        return io.BufferedReader(stream, CHUNK_SIZE)  # type: ignore[return-value]
+        return stream  # type: ignore[return-value]
     return io.BufferedReader(_Decompressed(inner, kind, name), CHUNK_SIZE)  # type: ignore[return-value]
 
 
