@@ -1,0 +1,223 @@
+"""The HTTP side of a simulated host: RPC endpoints and routing to the streaming handlers.
+
+Every host of every pool has its own listener (§1.1): POST ``/jsonrpc`` is JSON-RPC, any other
+POST is XML-RPC, GET ``/export*`` and PUT ``/import*`` are the streaming handlers of
+:mod:`xobackup_hypervisor_xcpng.sim.streams`. RPC replies keep the connection alive; streaming
+replies close it, as XAPI's do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from xobackup_hypervisor_xcpng.sim import streams
+from xobackup_hypervisor_xcpng.sim.codec import (
+    XapiError,
+    json_dumps,
+    jsonrpc_reply,
+    parse_xmlrpc_request,
+    xmlrpc_failure,
+    xmlrpc_success,
+)
+from xobackup_hypervisor_xcpng.sim.xapi import DropConnection, Http500, Records
+
+if TYPE_CHECKING:
+    from xobackup_hypervisor_xcpng.sim.xapi import PoolXapi
+
+log = logging.getLogger(__name__)
+
+SERVER_HEADER = "xapi/24.19"
+MAX_RPC_BODY = 64 * 1024 * 1024
+
+
+class HostListener(ThreadingHTTPServer):
+    """The HTTP server of one simulated host."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], xapi: PoolXapi, host_ref: str) -> None:
+        self.xapi = xapi
+        self.host_ref = host_ref
+        super().__init__(address, RequestHandler)
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self.thread = threading.Thread(
+            target=self.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            daemon=True,
+            name=f"sim-host-{self.server_address[0]}:{self.server_address[1]}",
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting and close the socket."""
+        self.shutdown()
+        self.server_close()
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """One client connection of a simulated host."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = SERVER_HEADER
+    sys_version = ""
+    server: HostListener
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    @property
+    def xapi(self) -> PoolXapi:
+        return self.server.xapi
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def reply(self, status: int, content_type: str, body: bytes, **headers: str) -> None:
+        """A complete response with Content-Length (connection kept alive)."""
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def html_error(self, status: int, reason: str, detail: str, **headers: str) -> None:
+        """XAPI's HTML error page (500 before any byte of a stream, 401, 404...)."""
+        body = (
+            f"<html><body><h1>HTTP {status} {reason}</h1>"
+            f"<h1> Additional information </h1>{detail}</body></html>"
+        ).encode()
+        self.send_response(status, reason)
+        self.send_header("content-type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def drop(self, reset: bool = False) -> None:
+        """Close the connection without answering (RST when ``reset``)."""
+        self.close_connection = True
+        if reset:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- RPC -----------------------------------------------------------------------------------
+    def _read_body(self) -> bytes | None:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.html_error(400, "Bad Request", "chunked RPC bodies are not supported")
+            return None
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_RPC_BODY:
+            self.html_error(413, "Request Entity Too Large", "RPC body too large")
+            return None
+        return self.rfile.read(length)
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        body = self._read_body()
+        if body is None:
+            return
+        if path == "/jsonrpc":
+            self._jsonrpc(body)
+        else:
+            self._xmlrpc(body)
+
+    def _xmlrpc(self, body: bytes) -> None:
+        try:
+            method, params = parse_xmlrpc_request(body)
+        except ValueError as error:
+            self.html_error(500, "Internal Server Error", str(error))
+            return
+        try:
+            value = self.xapi.call(method, params, self.server.host_ref)
+            if isinstance(value, Records):
+                payload = xmlrpc_success(None, value.to_xml())
+            else:
+                payload = xmlrpc_success(value)
+        except XapiError as error:
+            payload = xmlrpc_failure(error.description)
+        except DropConnection as drop:
+            self.drop(drop.reset)
+            return
+        except Http500 as error:
+            self.html_error(500, "Internal Server Error", str(error))
+            return
+        except Exception as error:  # a simulator bug answers like XAPI's INTERNAL_ERROR
+            log.exception("simulator error in %s", method)
+            payload = xmlrpc_failure(["INTERNAL_ERROR", repr(error)])
+        self.reply(200, "text/xml", payload)
+
+    def _jsonrpc(self, body: bytes) -> None:
+        try:
+            request = json.loads(body)
+            if not isinstance(request, dict) or request.get("id") is None:
+                raise ValueError("not a JSON-RPC call with an id")
+        except ValueError as error:
+            detail = f"Jsonrpc.Malformed_method_request {error}"
+            self.html_error(500, "Internal Server Error", detail)
+            return
+
+        def call(method: str, params: list[Any]) -> Any:
+            value = self.xapi.call(method, params, self.server.host_ref)
+            return value.to_python() if isinstance(value, Records) else value
+
+        try:
+            reply = jsonrpc_reply(request, call)
+        except DropConnection as drop:
+            self.drop(drop.reset)
+            return
+        except Http500 as error:
+            self.html_error(500, "Internal Server Error", str(error))
+            return
+        except Exception as error:
+            log.exception("simulator error in %s", request.get("method"))
+            reply = jsonrpc_reply(request, _raiser(XapiError("INTERNAL_ERROR", repr(error))))
+        self.reply(200, "application/json", json_dumps(reply))
+
+    def do_OPTIONS(self) -> None:
+        self.send_response(200)
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Allow-Headers", "X-Requested-With, Content-Type")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    # -- streams -------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        handler = streams.DOWNLOADS.get(path)
+        if handler is None:
+            self.html_error(404, "Not Found", f"no handler for {path}")
+            return
+        streams.run(self, path, handler)
+
+    def do_PUT(self) -> None:
+        path = urlsplit(self.path).path
+        handler = streams.UPLOADS.get(path)
+        if handler is None:
+            self.html_error(404, "Not Found", f"no handler for {path}")
+            return
+        streams.run(self, path, handler)
+
+
+def _raiser(error: XapiError) -> Any:
+    def call(method: str, params: list[Any]) -> Any:
+        raise error
+
+    return call
