@@ -189,6 +189,13 @@ Subsystem sftp internal-sftp
                 pass
         return len(victims)
 
+    def stop_keep_files(self) -> None:
+        """Stop sessions and listener but keep the folder, so :meth:`start` can resume it."""
+        if self.process is not None:
+            self.kill_sessions()
+            self.process.stop()
+            self.process = None
+
     def stop(self) -> None:
         """Stop every session, then the listener (by PID)."""
         if self.process is not None:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import uuid
 
 import pytest
+from click.testing import CliRunner
 
 from tests.conftest import require, require_module, require_tool
-from xobackup_core.testing import RemoteConformance
+from tests.servers.sftp import public_key_fingerprint
+from xobackup_core.cli.main import cli
+from xobackup_core.config import Secret
+from xobackup_core.errors import RemoteConfigError, RemoteConnectionError, RemotePermissionError
+from xobackup_core.plugins import Plugins
+from xobackup_core.remote import is_temp_name
+from xobackup_core.testing import RemoteConformance, pattern
+
+MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +50,141 @@ class TestSftpRemoteConformance(RemoteConformance):
         remote = _remote(sftp_server, f"conformance/{uuid.uuid4().hex[:12]}")
         yield remote
         remote.close()
+
+
+# -- connection, authentication and host keys ------------------------------------------------
+def test_password_login_and_known_hosts(sftp_server):
+    remote = _remote(
+        sftp_server,
+        "password-login",
+        key_file=None,
+        password=Secret(sftp_server.password),
+        host_key_fingerprint=None,
+        known_hosts=str(sftp_server.known_hosts),
+    )
+    with remote:
+        remote.write_bytes("/x/hello.txt", b"hello")
+        assert remote.read_bytes("/x/hello.txt") == b"hello"
+    assert (sftp_server.data_dir / "password-login/x/hello.txt").read_bytes() == b"hello"
+
+
+def test_wrong_password_is_a_clear_error_without_the_secret(sftp_server):
+    wrong = "Not-The-Password-42"
+    with pytest.raises(RemotePermissionError) as caught:
+        _remote(sftp_server, "p", key_file=None, password=Secret(wrong), name="nas-sftp")
+    message = str(caught.value)
+    assert "nas-sftp" in message and "authentication failed" in message
+    assert sftp_server.user in message
+    assert wrong not in message and sftp_server.password not in message
+
+
+def test_host_key_mismatch_is_refused(sftp_server, tmp_path):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    wrong = public_key_fingerprint((tmp_path / "other_key.pub").read_text())
+    with pytest.raises(RemotePermissionError) as caught:
+        _remote(sftp_server, "k", host_key_fingerprint=wrong)
+    assert "does not match" in str(caught.value)
+    assert sftp_server.host_key_fingerprint in str(caught.value)
+
+
+def test_unknown_host_key_is_never_accepted(sftp_server, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(RemotePermissionError) as caught:
+        _remote(sftp_server, "k", host_key_fingerprint=None, known_hosts=str(empty))
+    message = str(caught.value)
+    assert "unknown" in message and sftp_server.host_key_fingerprint in message
+    assert not (sftp_server.data_dir / "k").exists()
+
+
+def test_known_hosts_with_another_key_for_the_host_is_refused(sftp_server, tmp_path):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    key_type, key = (tmp_path / "other_key.pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sftp_server.port} {key_type} {key}\n")
+    with pytest.raises(RemotePermissionError) as caught:
+        _remote(sftp_server, "k", host_key_fingerprint=None, known_hosts=str(known))
+    assert "man-in-the-middle" in str(caught.value)
+
+
+def test_root_that_cannot_be_created(sftp_server):
+    from xobackup_remote_sftp import SftpRemote
+
+    url = f"sftp://{sftp_server.user}@127.0.0.1:{sftp_server.port}/root/not-yours/backups"
+    with pytest.raises(RemoteConfigError) as caught:
+        SftpRemote.from_url(
+            url,
+            {
+                "key_file": str(sftp_server.client_key),
+                "host_key_fingerprint": sftp_server.host_key_fingerprint,
+                "name": "nas",
+            },
+        )
+    assert "nas" in str(caught.value) and "/root/not-yours/backups" in str(caught.value)
+
+
+def test_connect_timeout_when_the_server_never_answers():
+    from xobackup_remote_sftp import SftpRemote
+
+    with socket.socket() as silent:  # accepts connections but never sends the SSH banner
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)
+        port = silent.getsockname()[1]
+        with pytest.raises(RemoteConnectionError) as caught:
+            SftpRemote.from_url(
+                f"sftp://u@127.0.0.1:{port}/x",
+                {"password": Secret("pw"), "connect_timeout": 0.5, "retries": 0},
+            )
+    assert f"127.0.0.1:{port}" in str(caught.value)
+
+
+def test_server_stopped_mid_upload_leaves_no_file():
+    from tests.servers.sftp import SftpServer
+
+    server = SftpServer.create().start()
+    try:
+        remote = _remote(server, "cut", timeout=5, retries=1, retry_backoff=0.1)
+        with pytest.raises(RemoteConnectionError) as caught:
+            with remote.open_write("/vm/backup.xva") as writer:
+                writer.write(pattern(4 * MiB))
+                server.stop_keep_files()
+                for _ in range(64):
+                    writer.write(pattern(MiB))
+        assert "/vm/backup.xva" in str(caught.value)
+        assert writer.closed  # aborted by the with block
+        server.start()
+        assert remote.list("/vm") == []
+        assert not remote.exists("/vm/backup.xva")
+        leftovers = os.listdir(server.data_dir / "cut" / "vm")
+        assert all(is_temp_name(name) for name in leftovers)
+        remote.close()
+    finally:
+        server.stop()
+
+
+def test_free_space_comes_from_statvfs(sftp_server):
+    with _remote(sftp_server, "space") as remote:
+        free = remote.free_space()
+    expected = os.statvfs(sftp_server.data_dir)
+    assert free is not None
+    assert abs(free - expected.f_bavail * expected.f_frsize) < 256 * MiB
+
+
+def test_plugin_hook_and_cli_remote_test(sftp_server, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+[remotes.nas]
+url = "{sftp_server.url("cli")}"
+password = "{sftp_server.password}"
+options = {{ host_key_fingerprint = "{sftp_server.host_key_fingerprint}" }}
+"""
+    )
+    plugins = Plugins()
+    assert "sftp" in plugins.provided_names("remote")
+    result = CliRunner().invoke(cli, ["--config", str(config), "remote", "test", "nas"])
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output and sftp_server.password not in result.output
+    assert os.listdir(sftp_server.data_dir / "cli") == []
