@@ -469,7 +469,10 @@ def test_merge_killed_at_random_points_resumes_to_the_same_result(remote, tmp_pa
         outcome = run(root, kill_at, delay)
         killed += outcome.returncode == -9
         trial_remote = LocalRemote(root)
-        if remote_has_state(trial_remote) or outcome.returncode != 0:
+        if trial % 2 and remote_has_state(trial_remote):
+            # The way a cleanup pass finds interrupted merges: by their state files.
+            assert resume_directory_merges(trial_remote, VDI) == [chain[-1]]
+        elif remote_has_state(trial_remote) or outcome.returncode != 0:
             merge_vhd_directory_chain(trial_remote, chain)
         assert _read_all(trial_remote, chain[-1]) == expected, f"kill at op {kill_at}"
         assert sorted(trial_remote.list(VDI)) == ["20260803T040000Z.alias.vhd", "data"]
@@ -479,3 +482,23 @@ def test_merge_killed_at_random_points_resumes_to_the_same_result(remote, tmp_pa
 
 def remote_has_state(remote: Remote) -> bool:
     return any(name.endswith(".merge.json") for name in remote.list(VDI))
+
+
+def test_merge_chain_dispatches_vhd_files_to_the_file_merge(remote):
+    from xobackup_core.formats.vhd_directory import merge_chain
+
+    size = 3 * BLOCK
+    base_uuid = uuidlib.uuid4()
+    with remote.open_write(f"{VDI}/a.vhd") as writer:
+        write_vhd_stream(
+            writer.write, size, [(0, _pattern(1)), (2, _pattern(2))], [0, 2], uuid=base_uuid
+        )
+    with remote.open_write(f"{VDI}/b.vhd") as writer:
+        write_vhd_stream(
+            writer.write, size, [(2, _pattern(3))], [2], parent=ParentLink(base_uuid, "a.vhd")
+        )
+    expected = _read_all(remote, f"{VDI}/b.vhd")
+    result = merge_chain(remote, [f"{VDI}/a.vhd", f"{VDI}/b.vhd"], concurrency=2)
+    assert result.path == f"{VDI}/b.vhd"
+    assert _read_all(remote, f"{VDI}/b.vhd") == expected
+    assert remote.list(VDI) == ["b.vhd"]

@@ -343,25 +343,27 @@ class VhdDirectory(WritableVhdDisk):
         bitmap_bytes = self.header.bitmap_size
         if not self.has_block(index):
             return bytes(bitmap_bytes)
-        if self.codec.name == "gzip":
-            # zlib can stop after the bitmap; other codecs decompress the whole chunk.
+        where = f"{self.remote.name}:{self.block_file(index)}"
+        if self.codec.name is None:
+            prefix = self.remote.read_range(self.block_file(index), 0, bitmap_bytes)
+            if not prefix and not self.remote.exists(self.block_file(index)):
+                self._read_raw_block(index)
+        else:
+            # Both codecs can stop once the bitmap is out: the 2 MiB of data stay compressed.
             raw = self._read_raw_block(index)
             try:
-                prefix = zlib.decompressobj(31).decompress(raw, bitmap_bytes)
+                if self.codec.name == "gzip":
+                    prefix = zlib.decompressobj(31).decompress(raw, bitmap_bytes)
+                else:
+                    prefix = _brotli().Decompressor().process(raw, output_buffer_limit=bitmap_bytes)
             except zlib.error as error:
-                raise FormatError(
-                    f"corrupt gzip chunk: {error}",
-                    path=f"{self.remote.name}:{self.block_file(index)}",
-                ) from None
-        else:
-            block = self.read_block(index)
-            assert block is not None
-            prefix = block.bitmap
+                raise FormatError(f"corrupt gzip chunk: {error}", path=where) from None
+            except Exception as error:
+                if type(error).__name__ == "error":  # brotli.error
+                    raise FormatError(f"corrupt brotli chunk: {error}", path=where) from None
+                raise
         if len(prefix) < bitmap_bytes:
-            raise FormatError(
-                "block file is shorter than its bitmap",
-                path=f"{self.remote.name}:{self.block_file(index)}",
-            )
+            raise FormatError("block file is shorter than its bitmap", path=where)
         return prefix[:bitmap_bytes]
 
     def read_parent_locator(self, index: int) -> bytes | None:
@@ -823,6 +825,17 @@ def merge_vhd_directory_chain(
     return _merge(remote, paths, state_path, None, concurrency, progress, state_interval)
 
 
+def merge_chain(remote: Remote, chain: Sequence[str], **options: object) -> MergeResult:
+    """Merge a chain of either kind: VhdDirectory aliases here, VHD files with
+    :func:`xobackup_core.formats.vhd_merge.merge_vhd_chain` (XO keeps chains homogeneous)."""
+    if chain and is_alias(normalize_path(chain[0])):
+        return merge_vhd_directory_chain(remote, chain, **options)  # type: ignore[arg-type]
+    from xobackup_core.formats.vhd_merge import merge_vhd_chain
+
+    options.pop("concurrency", None)
+    return merge_vhd_chain(remote, chain, **options)  # type: ignore[arg-type]
+
+
 def resume_directory_merges(
     remote: Remote, folder: str, *, progress: Progress | None = None
 ) -> list[str]:
@@ -1107,6 +1120,7 @@ __all__ = [
     "copy_disk_to_directory",
     "is_alias",
     "is_directory_disk",
+    "merge_chain",
     "merge_vhd_directory_chain",
     "new_vhd_metadata",
     "open_remote_disk",
