@@ -79,7 +79,7 @@ def test_provides_are_listed_per_plugin():
     info = {i.name: i for i in plugins.plugins_info()}
     assert info["recorder"].provides[0] == Provided("hypervisor", "fake", "test")
     assert info["core.codecs"].distribution == "xobackup-core"
-    assert plugins.provided_names("hypervisor") == ["fake"]
+    assert "fake" in plugins.provided_names("hypervisor")
     assert "file" in plugins.provided_names("remote")
 
 

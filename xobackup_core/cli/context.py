@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,6 +12,9 @@ from xobackup_core.config import Config, load_config
 from xobackup_core.errors import UsageError
 from xobackup_core.plugins import Plugins
 from xobackup_core.remote import Remote
+
+if TYPE_CHECKING:
+    from xobackup_core.logs.store import LogStore
 
 
 @dataclass
@@ -30,6 +34,15 @@ class AppContext:
                     disabled=self.plugins.disabled | extra, autoload=self.plugins.autoload
                 )
         return self._config
+
+    def log_store(self) -> LogStore:
+        """The run log named by the config; runs left pending by dead processes are closed
+        as interrupted first, so nothing stays pending forever."""
+        from xobackup_core.logs.store import LogStore, log_path_from_config
+
+        store = LogStore(log_path_from_config(self.config))
+        store.mark_interrupted()
+        return store
 
     def open_remote(self, name_or_url: str) -> Remote:
         """A remote by its config name, or directly by URL (``file:///tmp/x``)."""

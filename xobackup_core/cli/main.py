@@ -15,7 +15,15 @@ from typing import Any
 import click
 
 from xobackup_core import __version__
-from xobackup_core.cli import config_cmd, logs_cmd, plugins_cmd, remote_cmd, vhd_cmd
+from xobackup_core.cli import (
+    backups_cmd,
+    config_cmd,
+    logs_cmd,
+    plugins_cmd,
+    remote_cmd,
+    run_cmd,
+    vhd_cmd,
+)
 from xobackup_core.cli.context import AppContext
 from xobackup_core.errors import ExitCode, XobackupError
 from xobackup_core.plugins import Plugins
@@ -67,7 +75,7 @@ def cli(
     app.config_path = config_path
 
 
-for module in (plugins_cmd, config_cmd, remote_cmd, vhd_cmd, logs_cmd):
+for module in (plugins_cmd, config_cmd, remote_cmd, run_cmd, backups_cmd, logs_cmd, vhd_cmd):
     module.register(cli)
 
 

@@ -1,0 +1,77 @@
+"""``xobackup backups list``: what each remote holds, per VM."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import click
+
+from xobackup_core.cli.context import AppContext, pass_app
+from xobackup_core.engine.repository import BackupRepository
+from xobackup_core.errors import UsageError
+
+
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{size} B"
+
+
+@click.group("backups")
+def backups_group() -> None:
+    """Browse the backups stored on remotes."""
+
+
+@backups_group.command("list")
+@click.option("--remote", "remote_names", multiple=True, help="Only this remote (repeatable).")
+@click.option("--vm", "vm_filter", help="Only this VM (UUID or name).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def list_command(
+    app: AppContext, remote_names: tuple[str, ...], vm_filter: str | None, as_json: bool
+) -> None:
+    """List every backup: remote, VM, date, mode, size and job."""
+    names = list(remote_names) or list(app.config.remotes)
+    if not names:
+        raise UsageError("no remote is configured; add a [remotes.<name>] table or pass --remote")
+    rows = []
+    for name in names:
+        with app.open_remote(name) as remote:
+            repository = BackupRepository(remote)
+            for vm_uuid in repository.list_vms():
+                for backup in repository.list_backups(vm_uuid):
+                    if vm_filter and vm_filter not in (backup.vm_uuid, backup.vm_name):
+                        continue
+                    rows.append(
+                        {
+                            "remote": name,
+                            "id": backup.path,
+                            "vm": backup.vm_uuid,
+                            "vmName": backup.vm_name,
+                            "timestamp": backup.timestamp,
+                            "mode": backup.mode,
+                            "size": backup.size,
+                            "jobId": backup.job_id,
+                            "scheduleId": backup.schedule_id,
+                        }
+                    )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no backups")
+        return
+    for row in rows:
+        moment = datetime.fromtimestamp(row["timestamp"] / 1000, tz=UTC)
+        click.echo(
+            f"{row['remote']:<12} {row['vmName'] or row['vm']:<24} "
+            f"{moment:%Y-%m-%d %H:%M:%S} {row['mode']:<5} {_size(row['size']):>10}  {row['id']}"
+        )
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(backups_group)

@@ -1,0 +1,749 @@
+"""Running a backup job: selection, snapshots, exports to every target, retention, logs.
+
+A run follows Xen Orchestra's semantics (reference: xo-backups.md §1–5, §7–8):
+
+* the job's VMs are selected when the run starts (smart rules see today's VMs);
+* each VM is snapshotted (``[XO Backup <job>] <vm>``, ``xo:backup:*`` keys), migration is
+  blocked while it is backed up, and one export stream feeds every remote of the job;
+* full mode writes ``<ts>.xva`` (+ ``.xva.checksum``), delta mode one VHD per disk under
+  ``vdis/<job>/<vdi>/``, chained onto the previous backup; the metadata JSON comes last;
+* a delta is only taken against a base snapshot marked ``xo:backup:exported`` that every
+  remote still holds, otherwise the disk goes full and the log says why;
+* a failing remote is dropped with a warning, the VM fails only when all remotes failed;
+* retention then removes old backups (merging deltas into the next kept one) and rotates the
+  job's snapshots.
+
+Per-pool limits (:mod:`xobackup_core.engine.limits`) bound snapshots and exports across every
+job of the process; the job's ``concurrency`` bounds VMs in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from xobackup_core.config import Config
+from xobackup_core.engine.limits import LimitValues, PoolLimiter, shared_limiter
+from xobackup_core.engine.repository import BackupMetadata, BackupRepository, format_timestamp
+from xobackup_core.engine.retention import entries_to_delete, period_tags
+from xobackup_core.engine.streams import Fanout, RateLimiter, Target, describe_error
+from xobackup_core.errors import FormatError, RemoteError, XobackupError
+from xobackup_core.formats.source import RemoteSource
+from xobackup_core.formats.vhd import VhdFile
+from xobackup_core.formats.vhd_merge import merge_vhd_chain, resume_merges
+from xobackup_core.formats.vhd_stream import VhdStreamReader
+from xobackup_core.formats.vhd_structs import build_footer, full_bitmap
+from xobackup_core.formats.vhd_writer import ParentLink, plan_vhd_stream
+from xobackup_core.hypervisor import Disk, HypervisorDriver, Inventory, Vm
+from xobackup_core.logs.recorder import RunRecorder, TaskHandle
+from xobackup_core.logs.records import Status
+from xobackup_core.plugins import Plugins
+from xobackup_core.remote import Remote, join_path
+
+MIGRATION_BLOCKED = "VM migration is blocked during backup"
+NO_BACKUP_DISK_MARK = "[NOBAK]"
+XVA_CHECKSUM_PREFIX = "$1$$"
+"""``.xva.checksum`` holds the XVA's MD5 in crypt-like form, as Xen Orchestra writes it."""
+
+
+def snapshot_name(job_name: str, vm_name: str) -> str:
+    return f"[XO Backup {job_name}] {vm_name}"
+
+
+def other_config_datetime(timestamp_ms: int) -> str:
+    """``xo:backup:datetime``: UTC with colons (``20260801T04:00:00Z``), as XO writes it."""
+    compact = format_timestamp(timestamp_ms)
+    return f"{compact[:11]}:{compact[11:13]}:{compact[13:15]}Z"
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str
+    vm_status: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RemoteTarget:
+    """A remote the run writes to."""
+
+    key: str
+    remote: Remote
+    repository: BackupRepository
+
+
+class JobRunner:
+    """Runs jobs of one config. Thread-safe; share one per process (limits are per process)."""
+
+    def __init__(
+        self,
+        config: Config,
+        plugins: Plugins,
+        log_store: Any,
+        *,
+        limiter: PoolLimiter | None = None,
+        clock: Callable[[], float] = time.time,
+        drivers: Mapping[str, HypervisorDriver] | None = None,
+    ) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.log_store = log_store
+        limits = config.limits
+        self.limiter = limiter or shared_limiter(
+            LimitValues(limits.snapshots, limits.disk_exports, limits.vm_exports)
+        )
+        self.clock = clock
+        self._drivers: dict[str, HypervisorDriver] = dict(drivers or {})
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def driver(self, server_key: str) -> HypervisorDriver:
+        if server_key not in self._drivers:
+            self._drivers[server_key] = self.plugins.hypervisor(self.config.server_view(server_key))
+        return self._drivers[server_key]
+
+    def close(self) -> None:
+        for driver in self._drivers.values():
+            driver.close()
+        self._drivers.clear()
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # -- a run -------------------------------------------------------------------------------
+    def run(self, job_key: str, schedule_key: str | None = None) -> RunOutcome:
+        """Run ``job_key`` once (as ``schedule_key`` for retention) and return its outcome."""
+        job = self.config.jobs[job_key]
+        job_view = self.config.job_view(job_key)
+        settings = self.config.effective_settings(job_key, schedule_key=schedule_key)
+        recorder = self.log_store.start_run(
+            job_view["id"],
+            job_view["name"],
+            schedule_id=schedule_key,
+            data={"mode": job.mode, "reportWhen": settings["reportWhen"]},
+            listener=self.plugins,
+        )
+        outcome = RunOutcome(run_id=recorder.run_id, status="pending")
+        with recorder:
+            skipped = self._run(job_key, schedule_key, job_view, settings, recorder, outcome)
+            if skipped:
+                recorder.finish(skipped, status=Status.SKIPPED)
+        outcome.status = recorder.record.status.value
+        return outcome
+
+    def _run(
+        self,
+        job_key: str,
+        schedule_key: str | None,
+        job_view: dict[str, Any],
+        settings: dict[str, Any],
+        recorder: RunRecorder,
+        outcome: RunOutcome,
+    ) -> str | None:
+        """Back up every selected VM; returns the reason when the run is skipped."""
+        config = self.config
+        job = config.jobs[job_key]
+        servers = job.servers or list(config.servers)
+        inventories: dict[str, Inventory] = {}
+        for server in servers:
+            inventories[server] = self.driver(server).inventory()
+        pool_server = {
+            pool.uuid: server for server, inv in inventories.items() for pool in inv.pools
+        }
+        merged = Inventory(
+            pools=tuple(p for inv in inventories.values() for p in inv.pools),
+            vms=tuple(v for inv in inventories.values() for v in inv.vms),
+        )
+        vms = self.plugins.select_vms(job_view, merged)
+        recorder.info("vms", {"vms": [vm.uuid for vm in vms]})
+        if not vms:
+            return "no VMs match this pattern"
+        targets = self._open_remotes(job.remotes, recorder)
+        if job.remotes and not targets:
+            raise XobackupError("no remote of the job could be opened")
+        limiter = RateLimiter(int(settings["maxExportRate"] or 0))
+        workers = settings["concurrency"] or len(vms)
+
+        def backup_one(vm: Vm) -> None:
+            vm_settings = config.effective_settings(
+                job_key, schedule_key=schedule_key, vm_uuid=vm.uuid
+            )
+            status = "failure"
+            try:
+                with recorder.task(
+                    "backup VM", {"type": "VM", "id": vm.uuid, "name_label": vm.name}
+                ) as vm_task:
+                    backup = _VmBackup(
+                        runner=self,
+                        driver=self.driver(pool_server[vm.pool_uuid]),
+                        inventory=merged,
+                        vm=vm,
+                        job_view=job_view,
+                        schedule_key=schedule_key,
+                        settings=vm_settings,
+                        targets=targets,
+                        recorder=recorder,
+                        task=vm_task,
+                        rate=limiter,
+                    )
+                    backup.run()
+                status = "success"
+            except Exception:  # recorded on the VM task; the other VMs go on
+                status = "failure"
+            outcome.vm_status[vm.uuid] = status
+
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vm") as pool:
+            list(pool.map(backup_one, vms))
+        return None
+
+    def _open_remotes(self, names: Sequence[str], recorder: RunRecorder) -> list[RemoteTarget]:
+        targets = []
+        for name in names:
+            remote_config = self.config.remotes[name]
+            if not remote_config.enabled:
+                recorder.warning(f"remote {name!r} is disabled: skipped", {"remote": name})
+                continue
+            try:
+                remote = self.plugins.remote(remote_config.url, remote_config.plugin_options(name))
+            except XobackupError as error:
+                recorder.warning(f"remote {name!r} cannot be used: {error}", {"remote": name})
+                continue
+            targets.append(RemoteTarget(name, remote, BackupRepository(remote)))
+        return targets
+
+
+class _VmBackup:
+    """The backup of one VM in one run."""
+
+    def __init__(
+        self,
+        *,
+        runner: JobRunner,
+        driver: HypervisorDriver,
+        inventory: Inventory,
+        vm: Vm,
+        job_view: Mapping[str, Any],
+        schedule_key: str | None,
+        settings: Mapping[str, Any],
+        targets: list[RemoteTarget],
+        recorder: RunRecorder,
+        task: TaskHandle,
+        rate: RateLimiter,
+    ) -> None:
+        self.runner = runner
+        self.driver = driver
+        self.inventory = inventory
+        self.vm = vm
+        self.job = job_view
+        self.job_id = str(job_view["id"])
+        self.schedule_id = schedule_key or ""
+        self.settings = settings
+        self.targets = list(targets)
+        self.recorder = recorder
+        self.task = task
+        self.rate = rate
+        self.limiter = runner.limiter
+
+    # -- helpers -----------------------------------------------------------------------------
+    @contextmanager
+    def slot(self, operation: str) -> Iterator[None]:
+        with self.limiter.slot(self.vm.pool_uuid, operation):
+            yield
+
+    def job_snapshots(self) -> list[Vm]:
+        """This job's snapshots of the VM, oldest first (by ``xo:backup:datetime``)."""
+        found = [
+            vm
+            for vm in self.inventory.vms
+            if vm.is_snapshot
+            and vm.snapshot_of == self.vm.uuid
+            and vm.other_config.get("xo:backup:job") == self.job_id
+        ]
+        return sorted(found, key=lambda s: (s.other_config.get("xo:backup:datetime", ""), s.uuid))
+
+    def drop_target(self, target_key: str, error: BaseException, step: str) -> None:
+        self.targets = [t for t in self.targets if t.key != target_key]
+        self.task.warning(
+            f"remote {target_key!r} failed during {step} and was dropped: {describe_error(error)}",
+            {"remote": target_key},
+        )
+
+    # -- the flow ----------------------------------------------------------------------------
+    def run(self) -> None:
+        mode = self.job["mode"]
+        blocked_before = dict(self.vm.blocked_operations)
+        self.driver.update_vm(
+            self.vm.uuid,
+            blocked_operations={
+                op: MIGRATION_BLOCKED
+                for op in ("migrate_send", "pool_migrate")
+                if op not in blocked_before
+            },
+        )
+        try:
+            if mode == "full":
+                self.full_backup()
+            else:
+                self.delta_backup()
+        finally:
+            restore = {
+                op: None for op in ("migrate_send", "pool_migrate") if op not in blocked_before
+            }
+            try:
+                self.driver.update_vm(self.vm.uuid, blocked_operations=restore)
+            except XobackupError as error:
+                self.task.warning(f"could not unblock migration: {error}")
+
+    def take_snapshot(self, timestamp_ms: int) -> Vm:
+        with self.slot("snapshots"), self.recorder.task("snapshot", parent=self.task) as step:
+            snapshot = self.driver.snapshot(
+                self.vm.uuid,
+                snapshot_name(self.job["name"], self.vm.name),
+                quiesce=bool(self.settings["quiesce"]),
+                memory=bool(self.settings["checkpointSnapshot"]),
+            )
+            if snapshot.other_config.get("xo:quiesce-fallback"):
+                step.warning("quiesced snapshot refused by the host: plain snapshot taken")
+            self.driver.update_vm(
+                snapshot.uuid,
+                other_config={
+                    "xo:backup:job": self.job_id,
+                    "xo:backup:schedule": self.schedule_id,
+                    "xo:backup:vm": self.vm.uuid,
+                    "xo:backup:datetime": other_config_datetime(timestamp_ms),
+                },
+            )
+            step.set_result(id=snapshot.uuid)
+        return snapshot
+
+    def base_metadata(self, timestamp_ms: int, snapshot: Vm) -> dict[str, Any]:
+        return {
+            "jobId": self.job_id,
+            "scheduleId": self.schedule_id,
+            "timestamp": timestamp_ms,
+            "vm": dict(self.vm.record) or {"uuid": self.vm.uuid, "name_label": self.vm.name},
+            "vmSnapshot": dict(snapshot.record)
+            or {"uuid": snapshot.uuid, "name_label": snapshot.name},
+            "tags": period_tags(timestamp_ms, self.settings["timezone"]),
+        }
+
+    # -- full (XVA) --------------------------------------------------------------------------
+    def full_backup(self) -> None:
+        timestamp_ms = self.runner.now_ms()
+        must_snapshot = (
+            self.vm.power_state != "Halted"
+            or self.settings["unconditionalSnapshot"]
+            or self.settings["snapshotRetention"] > 0
+        )
+        snapshot = self.take_snapshot(timestamp_ms) if must_snapshot else self.vm
+        stamp = format_timestamp(timestamp_ms)
+        compression = {"": "none", "native": "gzip"}.get(
+            self.job["compression"], self.job["compression"]
+        )
+        try:
+            self.export_xva(snapshot, stamp, timestamp_ms, compression)
+            self.apply_retention("full")
+        finally:
+            if must_snapshot:
+                self.rotate_snapshots(keep=self.settings["snapshotRetention"], newest=snapshot)
+
+    def export_xva(self, snapshot: Vm, stamp: str, timestamp_ms: int, compression: str) -> None:
+        name = f"{stamp}.xva"
+        with self.slot("vm_exports"):
+            stream = self.driver.export_vm(snapshot.uuid, compression=compression)  # type: ignore[arg-type]
+            fan_targets = []
+            tasks = {}
+            for target in self.targets:
+                path = join_path(target.repository.vm_folder(self.vm.uuid), name)
+                tasks[target.key] = self.recorder.task(
+                    "export", {"type": "remote", "id": target.key, "isFull": True}, parent=self.task
+                )
+                writer = target.remote.open_write(path)
+                digest = hashlib.md5(usedforsecurity=False)
+
+                def write(chunk: bytes | memoryview, w: Any = writer, d: Any = digest) -> None:
+                    w.write(chunk)
+                    d.update(chunk)
+
+                fan_targets.append(
+                    Target(
+                        target.key,
+                        write,
+                        writer.commit,
+                        writer.abort,
+                        data={"target": target, "digest": digest, "path": path},
+                    )
+                )
+
+            def dropped(t: Target) -> None:
+                self.drop_target(t.name, t.error or RuntimeError("failed"), "transfer")
+
+            fanout = Fanout(fan_targets, dropped)
+            try:
+                with stream:
+                    fanout.copy_stream(stream, self.rate)
+            except Exception as error:
+                fanout.abort(error)
+                message = f"export of {self.vm.name} failed: {describe_error(error)}"
+                self._fail_tasks(tasks, message)
+                raise XobackupError(message) from error
+            fanout.finish()
+        for fan_target in fan_targets:
+            handle = tasks[fan_target.name]
+            if fan_target.error is not None:
+                handle.fail(describe_error(fan_target.error))
+                continue
+            target = fan_target.data["target"]
+            try:
+                target.remote.write_bytes(
+                    fan_target.data["path"] + ".checksum",
+                    (XVA_CHECKSUM_PREFIX + fan_target.data["digest"].hexdigest()).encode(),
+                )
+                metadata = self.base_metadata(timestamp_ms, snapshot)
+                metadata.update({"mode": "full", "xva": f"./{name}", "size": fan_target.written})
+                target.repository.write_metadata(self.vm.uuid, stamp, metadata)
+                handle.finish(size=fan_target.written)
+            except RemoteError as error:
+                handle.fail(describe_error(error))
+                self.drop_target(target.key, error, "metadata")
+        if not any(t.error is None for t in fan_targets) and fan_targets:
+            raise XobackupError("all targets have failed")
+
+    @staticmethod
+    def _fail_tasks(tasks: Mapping[str, TaskHandle], message: str) -> None:
+        for handle in tasks.values():
+            handle.fail(message)
+
+    # -- delta (VHD chains) ------------------------------------------------------------------
+    def select_base(self, disks: Sequence[Disk]) -> tuple[Vm | None, str]:
+        """The snapshot to export deltas against, or None with the reason for a full."""
+        exported = [
+            s for s in self.job_snapshots() if s.other_config.get("xo:backup:exported") == "true"
+        ]
+        if not exported:
+            return None, "no previous backup of this job"
+        base = exported[-1]
+        chain_length = int(base.other_config.get("xo:backup:deltaChainLength", "0") or 0)
+        full_interval = int(self.settings["fullInterval"] or 0)
+        if full_interval and full_interval <= chain_length + 1:
+            return None, f"fullInterval {full_interval} reached"
+        base_disks = {d.snapshot_of: d for d in base.disks}
+        for disk in disks:
+            base_disk = base_disks.get(disk.vdi_uuid)
+            if base_disk is None:
+                return None, f"disk {disk.name} is new since the last backup"
+            for target in self.targets:
+                if self.find_vhd(target, disk.vdi_uuid, base_disk.vdi_uuid) is None:
+                    return None, (
+                        f"the base of disk {disk.name} is missing on remote {target.key!r}"
+                    )
+        return base, ""
+
+    def find_vhd(self, target: RemoteTarget, live_vdi: str, vhd_uuid: str) -> str | None:
+        """Path of the VHD of ``vhd_uuid`` in the disk's folder on ``target``, if any."""
+        folder = target.repository.vdi_folder(self.vm.uuid, self.job_id, live_vdi)
+        for name in sorted(target.remote.list(folder), reverse=True):
+            if not name.endswith(".vhd"):
+                continue
+            path = join_path(folder, name)
+            try:
+                disk = VhdFile.open(RemoteSource(target.remote, path))
+            except (FormatError, RemoteError):
+                continue
+            try:
+                if str(disk.uuid) == vhd_uuid:
+                    return path
+            finally:
+                disk.close()
+        return None
+
+    def delta_backup(self) -> None:
+        live_disks = [d for d in self.vm.disks if NO_BACKUP_DISK_MARK not in d.name]
+        for target in self.targets:
+            for disk in live_disks:
+                folder = target.repository.vdi_folder(self.vm.uuid, self.job_id, disk.vdi_uuid)
+                try:
+                    resume_merges(target.remote, folder)
+                except XobackupError as error:
+                    self.task.warning(f"an interrupted merge could not be finished: {error}")
+        base, reason = self.select_base(live_disks)
+        if base is None:
+            self.task.info(f"full backup: {reason}")
+        timestamp_ms = self.runner.now_ms()
+        snapshot = self.take_snapshot(timestamp_ms)
+        stamp = format_timestamp(timestamp_ms)
+        try:
+            sizes = self.export_disks(snapshot, base, live_disks, stamp)
+            vhds: dict[str, str] = {}
+            differencing: dict[str, bool] = {}
+            vdis: dict[str, Any] = {}
+            snapshot_disks = {d.snapshot_of: d for d in snapshot.disks}
+            base_disks = {d.snapshot_of: d for d in base.disks} if base else {}
+            for disk in live_disks:
+                snap_disk = snapshot_disks[disk.vdi_uuid]
+                key = snap_disk.vdi_uuid
+                vhds[key] = f"vdis/{self.job_id}/{disk.vdi_uuid}/{stamp}.vhd"
+                differencing[key] = base is not None
+                other = {"$snapshot_of$uuid": disk.vdi_uuid, "$SR$uuid": disk.sr_uuid}
+                if base is not None:
+                    other["xo:base_delta_vdi"] = base_disks[disk.vdi_uuid].vdi_uuid
+                vdis[key] = {
+                    "uuid": snap_disk.vdi_uuid,
+                    "name_label": disk.name,
+                    "virtual_size": disk.virtual_size,
+                    "userdevice": disk.device,
+                    "other_config": other,
+                }
+            for target in list(self.targets):
+                metadata = self.base_metadata(timestamp_ms, snapshot)
+                metadata.update(
+                    {
+                        "mode": "delta",
+                        "vhds": vhds,
+                        "isVhdDifferencing": differencing,
+                        "vdis": vdis,
+                        "vbds": {},
+                        "vifs": {},
+                        "size": sizes.get(target.key, 0),
+                    }
+                )
+                try:
+                    target.repository.write_metadata(self.vm.uuid, stamp, metadata)
+                except RemoteError as error:
+                    self.drop_target(target.key, error, "metadata")
+            if not self.targets:
+                raise XobackupError("all targets have failed")
+            chain_length = 0
+            if base is not None:
+                chain_length = int(base.other_config.get("xo:backup:deltaChainLength", "0")) + 1
+            self.driver.update_vm(
+                snapshot.uuid,
+                other_config={
+                    "xo:backup:exported": "true",
+                    "xo:backup:deltaChainLength": str(chain_length),
+                },
+            )
+            self.apply_retention("delta")
+        except BaseException:
+            # A snapshot that was not exported everywhere must never become a base.
+            self.driver.destroy_vm(snapshot.uuid)
+            raise
+        # Keep the newest exported snapshot (the next base) plus snapshotRetention.
+        self.rotate_snapshots(keep=max(1, self.settings["snapshotRetention"]), newest=snapshot)
+
+    def export_disks(
+        self, snapshot: Vm, base: Vm | None, disks: Sequence[Disk], stamp: str
+    ) -> dict[str, int]:
+        """Export every disk to every target; returns bytes written per target."""
+        snapshot_disks = {d.snapshot_of: d for d in snapshot.disks}
+        base_disks = {d.snapshot_of: d for d in base.disks} if base else {}
+        written: dict[str, int] = {t.key: 0 for t in self.targets}
+        for disk in disks:
+            snap_disk = snapshot_disks.get(disk.vdi_uuid)
+            if snap_disk is None:
+                raise XobackupError(f"the snapshot has no copy of disk {disk.name}")
+            base_disk = base_disks.get(disk.vdi_uuid)
+            with self.slot("disk_exports"):
+                stream = self.driver.export_disk(
+                    snap_disk.vdi_uuid,
+                    base_vdi_uuid=base_disk.vdi_uuid if base_disk else None,
+                )
+                with stream:
+                    sizes = self.write_vhd_to_targets(stream, disk, snap_disk, base_disk, stamp)
+            for key, size in sizes.items():
+                written[key] = written.get(key, 0) + size
+        return written
+
+    def write_vhd_to_targets(
+        self, stream: Any, disk: Disk, snap_disk: Disk, base_disk: Disk | None, stamp: str
+    ) -> dict[str, int]:
+        reader = VhdStreamReader(stream, name=f"export of disk {disk.name}")
+        if base_disk is not None and not reader.is_differencing:
+            raise FormatError("a delta export came back as a full disk", path=disk.name)
+        allocated = sorted(reader.allocated)
+        if reader.allocated != allocated:
+            raise FormatError("export blocks are not in ascending order", path=disk.name)
+        fan_targets = []
+        tasks = {}
+        for target in self.targets:
+            folder = target.repository.vdi_folder(self.vm.uuid, self.job_id, disk.vdi_uuid)
+            parent = None
+            if base_disk is not None:
+                parent_path = self.find_vhd(target, disk.vdi_uuid, base_disk.vdi_uuid)
+                if parent_path is None:
+                    self.drop_target(target.key, FormatError("base VHD vanished"), "transfer")
+                    continue
+                parent = ParentLink(
+                    uuid=uuidlib.UUID(base_disk.vdi_uuid), name=posixpath.basename(parent_path)
+                )
+            layout = plan_vhd_stream(
+                reader.size, allocated, parent=parent, uuid=uuidlib.UUID(snap_disk.vdi_uuid)
+            )
+            tasks[target.key] = self.recorder.task(
+                "export",
+                {"type": "remote", "id": target.key, "isFull": parent is None, "disk": disk.name},
+                parent=self.task,
+            )
+            writer = target.remote.open_write(join_path(folder, f"{stamp}.vhd"))
+            writer.write(layout.metadata)
+            fan_targets.append(
+                Target(
+                    target.key,
+                    writer.write,
+                    writer.commit,
+                    writer.abort,
+                    data={"layout": layout, "writer": writer},
+                )
+            )
+
+        def dropped(t: Target) -> None:
+            self.drop_target(t.name, t.error or RuntimeError("failed"), "transfer")
+
+        fanout = Fanout(fan_targets, dropped)
+        bitmap = full_bitmap(reader.header.block_size)
+        try:
+            for _index, data in reader.blocks():
+                self.rate.consume(len(data))
+                if not fanout.write(bitmap) or not fanout.write(data):
+                    break
+            for fan_target in fanout.live:
+                fan_target.write(build_footer(fan_target.data["layout"].footer))
+            fanout.finish()
+        except Exception as error:
+            fanout.abort(error)
+            self._fail_tasks(tasks, describe_error(error))
+            raise
+        sizes = {}
+        for fan_target in fan_targets:
+            handle = tasks[fan_target.name]
+            if fan_target.error is None:
+                size = fan_target.data["layout"].stream_size
+                handle.finish(size=size)
+                sizes[fan_target.name] = size
+            else:
+                handle.fail(describe_error(fan_target.error))
+        if not sizes:
+            raise XobackupError("all targets have failed")
+        return sizes
+
+    # -- retention ---------------------------------------------------------------------------
+    def apply_retention(self, mode: str) -> None:
+        keep = int(self.settings["exportRetention"] or 0)
+        long_term = self.settings["longTermRetention"]
+        long_term_rules = long_term.model_dump() if long_term is not None else None
+        for target in self.targets:
+            mine = [
+                b
+                for b in target.repository.list_backups(self.vm.uuid)
+                if b.job_id == self.job_id and b.schedule_id == self.schedule_id and b.mode == mode
+            ]
+            doomed = entries_to_delete(
+                mine,
+                keep=keep,
+                timestamp_of=lambda b: b.timestamp,
+                long_term=long_term_rules,
+                timezone=self.settings["timezone"],
+            )
+            cap = self.settings["maxMergedDeltasPerRun"]
+            if cap is not None:
+                doomed = doomed[:cap]
+            if not doomed:
+                continue
+            with self.recorder.task(
+                "retention", {"type": "remote", "id": target.key}, parent=self.task
+            ) as step:
+                for backup in doomed:
+                    self.delete_backup(target, backup)
+                step.set_result(deleted=len(doomed))
+
+    def delete_backup(self, target: RemoteTarget, backup: BackupMetadata) -> None:
+        """Delete one backup: its JSON first (it stops existing), then its data."""
+        target.repository.delete_metadata(backup)
+        if backup.mode == "full":
+            for path in (backup.xva_path, (backup.xva_path or "") + ".checksum"):
+                if path:
+                    target.remote.delete(path, missing_ok=True)
+            return
+        self.clean_disk_folders(target)
+
+    def clean_disk_folders(self, target: RemoteTarget) -> None:
+        """Merge or delete VHDs no backup references any more (XO's cleanVm, §2.5–2.6)."""
+        referenced = set()
+        for backup in target.repository.list_backups(self.vm.uuid):
+            referenced.update(backup.vhd_paths.values())
+        jobs_folder = join_path(target.repository.vm_folder(self.vm.uuid), "vdis", self.job_id)
+        for vdi_uuid in target.remote.list(jobs_folder):
+            folder = join_path(jobs_folder, vdi_uuid)
+            resume_merges(target.remote, folder)
+            disks: dict[str, tuple[str, str | None]] = {}  # path -> (uuid, parent uuid)
+            for name in target.remote.list(folder):
+                if not name.endswith(".vhd"):
+                    continue
+                path = join_path(folder, name)
+                try:
+                    disk = VhdFile.open(RemoteSource(target.remote, path))
+                except (FormatError, RemoteError):
+                    continue
+                try:
+                    parent = str(disk.parent_uuid) if disk.is_differencing else None
+                    disks[path] = (str(disk.uuid), parent)
+                finally:
+                    disk.close()
+            by_uuid = {uuid: path for path, (uuid, _) in disks.items()}
+            child_of: dict[str, str] = {}
+            for path, (_uuid, parent_uuid) in disks.items():
+                if parent_uuid and parent_uuid in by_uuid:
+                    child_of[by_uuid[parent_uuid]] = path
+            for path in sorted(disks):
+                if path in referenced or path not in disks:
+                    continue
+                parent_uuid = disks[path][1]
+                if parent_uuid and parent_uuid in by_uuid:
+                    continue  # not the root of an orphan run; handled from its root
+                run = [path]
+                while run[-1] in child_of and run[-1] not in referenced:
+                    run.append(child_of[run[-1]])
+                if run[-1] in referenced and len(run) > 1:
+                    with self.recorder.task("merge", {"disk": vdi_uuid}, parent=self.task) as step:
+                        result = merge_vhd_chain(target.remote, run)
+                        step.set_result(size=result.merged_bytes)
+                    merged_uuid = disks[run[-1]][0]
+                    for gone in run:
+                        disks.pop(gone, None)
+                    disks[result.path] = (merged_uuid, None)
+                    self.mark_not_differencing(target, result.path)
+                elif run[-1] not in referenced:
+                    for gone in run:
+                        target.remote.delete(gone, missing_ok=True)
+                        disks.pop(gone, None)
+
+    def mark_not_differencing(self, target: RemoteTarget, vhd_path: str) -> None:
+        """After a merge into a full, its backup's JSON says the disk is not differencing."""
+        for backup in target.repository.list_backups(self.vm.uuid):
+            keys = [k for k, p in backup.vhd_paths.items() if p == vhd_path]
+            if not keys:
+                continue
+            data = dict(backup.data)
+            data["isVhdDifferencing"] = {
+                **data.get("isVhdDifferencing", {}),
+                **{k: False for k in keys},
+            }
+            stamp = posixpath.basename(backup.path)[: -len(".json")]
+            target.repository.write_metadata(self.vm.uuid, stamp, data)
+
+    def rotate_snapshots(self, *, keep: int, newest: Vm) -> None:
+        """Destroy this job's snapshots of the VM beyond the newest ``keep`` (``newest`` being
+        the one this run took)."""
+        snapshots = [s for s in self.job_snapshots() if s.uuid != newest.uuid] + [newest]
+        doomed = snapshots[: max(len(snapshots) - keep, 0)]
+        for snapshot in doomed:
+            try:
+                self.driver.destroy_vm(snapshot.uuid)
+            except XobackupError as error:
+                self.task.warning(f"could not delete snapshot {snapshot.name}: {error}")

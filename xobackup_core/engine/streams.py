@@ -1,0 +1,120 @@
+"""Feeding one export stream to several targets, with a rate limit.
+
+One snapshot and one export feed every target of a run (reference: xo-backups.md §4.3). A
+:class:`Fanout` hands each chunk to every live target; a target that fails is aborted and
+dropped with the reason, the others go on, and the export is abandoned only when no target
+is left. :class:`RateLimiter` applies ``maxExportRate`` once, before the fan-out.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from xobackup_core.errors import XobackupError
+
+CHUNK_SIZE = 4 * 1024 * 1024
+
+
+class RateLimiter:
+    """Blocks so that bytes pass at no more than ``rate`` per second (0: no limit).
+
+    Shared by every stream of a run: the limit is for the whole run, as in Xen Orchestra.
+    """
+
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._start = clock()
+        self._sent = 0
+
+    def consume(self, size: int) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            self._sent += size
+            due = self._start + self._sent / self.rate
+        delay = due - self._clock()
+        if delay > 0:
+            time.sleep(delay)
+
+
+@dataclass
+class Target:
+    """One destination of a fan-out: ``write`` gets every chunk, then ``finish`` or ``abort``."""
+
+    name: str
+    write: Callable[[bytes | memoryview], Any]
+    finish: Callable[[], Any]
+    abort: Callable[[], Any]
+    error: BaseException | None = None
+    written: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Fanout:
+    """Copy chunks to targets; isolate each target's failures."""
+
+    def __init__(self, targets: list[Target], on_drop: Callable[[Target], None]) -> None:
+        self.targets = targets
+        self._on_drop = on_drop
+
+    @property
+    def live(self) -> list[Target]:
+        return [target for target in self.targets if target.error is None]
+
+    def _drop(self, target: Target, error: BaseException) -> None:
+        target.error = error
+        try:
+            target.abort()
+        except Exception:  # the target is already broken; its first error is what matters
+            pass
+        self._on_drop(target)
+
+    def write(self, chunk: bytes | memoryview) -> bool:
+        """Give ``chunk`` to every live target; False once none is left."""
+        for target in self.live:
+            try:
+                target.write(chunk)
+                target.written += len(chunk)
+            except Exception as error:
+                self._drop(target, error)
+        return bool(self.live)
+
+    def finish(self) -> None:
+        for target in self.live:
+            try:
+                target.finish()
+            except Exception as error:
+                self._drop(target, error)
+
+    def abort(self, error: BaseException) -> None:
+        for target in self.live:
+            self._drop(target, error)
+
+    def copy_stream(
+        self, stream: BinaryIO, limiter: RateLimiter | None = None, chunk_size: int = CHUNK_SIZE
+    ) -> int:
+        """Read ``stream`` to its end into every target; returns the bytes read."""
+        total = 0
+        while True:
+            chunk = stream.read(chunk_size)
+            if not chunk:
+                return total
+            if limiter is not None:
+                limiter.consume(len(chunk))
+            total += len(chunk)
+            if not self.write(chunk):
+                return total
+
+
+def describe_error(error: BaseException) -> str:
+    """A user-facing message for any error (ours carry their own; others get their type)."""
+    if isinstance(error, XobackupError):
+        return str(error)
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
