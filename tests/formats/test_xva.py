@@ -19,6 +19,7 @@ from xobackup_core.formats.xva import (
     CHUNK_SIZE,
     DiskSpec,
     OvaMetadata,
+    VifSpec,
     XvaReader,
     XvaWriter,
     build_vm_metadata,
@@ -230,14 +231,14 @@ def test_damaged_streams_raise_format_error():
             info.size = 3
             tar.addfile(info, io.BytesIO(b"abc"))
     with pytest.raises(FormatError, match=f"{first_ref}/00000000: missing checksum"):
-        verify_xva(io.BytesIO(out.getvalue()))
+        XvaReader(io.BytesIO(out.getvalue())).read_all()
     # ova.xml not first.
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w|") as tar:
         info = tarfile.TarInfo("Ref:1/00000000")
         tar.addfile(info, io.BytesIO(b""))
     with pytest.raises(FormatError, match=r"expected 'ova\.xml'"):
-        verify_xva(io.BytesIO(out.getvalue()))
+        XvaReader(io.BytesIO(out.getvalue()))
     with pytest.raises(FormatError, match="corrupt gzip"):
         verify_xva(io.BytesIO(gzip.compress(blob)[:-20] + b"garbage-garbage-garbage"))
 
@@ -313,3 +314,43 @@ def test_validity_checks_of_a_stored_xva(tmp_path):
     assert not is_valid_xva(remote, "/vm/cut.xva.gz")
     with pytest.raises(FormatError, match="two zero blocks"):
         check_xva_file(lambda o, n: blob[:-512][o : o + n], len(blob) - 512)
+
+
+def test_verify_checks_every_listed_disk_is_complete():
+    require_module("xxhash")
+    meta = build_vm_metadata({"uuid": "v"}, [DiskSpec(3 * MiB, "a"), DiskSpec(MiB, "b")])
+    first, second = (d.ref for d in meta.disks())
+    short = io.BytesIO()
+    with XvaWriter(short) as writer:
+        writer.add_ova_xml(meta)
+        writer.add_disk(first, io.BytesIO(bytes(2 * MiB)), 2 * MiB)  # says 3 MiB
+        writer.add_disk(second, io.BytesIO(bytes(MiB)), MiB)
+    with pytest.raises(FormatError, match=f"{first}: disk data ends at byte {2 * MiB}"):
+        verify_xva(io.BytesIO(short.getvalue()))
+    missing = io.BytesIO()
+    with XvaWriter(missing) as writer:
+        writer.add_ova_xml(meta)
+        writer.add_disk(first, io.BytesIO(bytes(3 * MiB)), 3 * MiB)
+    with pytest.raises(FormatError, match=f"no data for disk\\(s\\) {second}"):
+        verify_xva(io.BytesIO(missing.getvalue()))
+
+
+def test_metadata_with_network_interfaces():
+    meta = build_vm_metadata(
+        {"uuid": "vm"},
+        [DiskSpec(MiB, "d")],
+        vifs=[
+            VifSpec("0", "aa:bb:cc:00:00:01", "net-1", "LAN"),
+            VifSpec("1", "aa:bb:cc:00:00:02", "net-2", "DMZ"),
+            VifSpec("2", "aa:bb:cc:00:00:03", "net-1", "LAN"),
+        ],
+    )
+    parsed = OvaMetadata.from_xml(meta.to_xml())
+    vm = parsed.vm().snapshot
+    vifs = [parsed.find(ref) for ref in vm["VIFs"]]
+    assert [v.snapshot["MAC"] for v in vifs] == [f"aa:bb:cc:00:00:0{i}" for i in (1, 2, 3)]
+    networks = [o for o in parsed.objects if o.cls == "network"]
+    assert [n.snapshot["name_label"] for n in networks] == ["LAN", "DMZ"]
+    lan = parsed.find(vifs[0].snapshot["network"])
+    assert lan.snapshot["uuid"] == "net-1" and lan.snapshot["VIFs"] == [vifs[0].id, vifs[2].id]
+    assert len({o.id for o in parsed.objects}) == len(parsed.objects)
