@@ -351,8 +351,10 @@ class RunRecorder:
             elif error is not None:
                 result = {"message": error}
             final = status or run_status(run.tasks, failed=error is not None)
-            self.store.end_run(self.run_id, final, end, result)
-            run.status, run.end, run.result, run.heartbeat = final, end, result, end
+            if self.store.end_run(self.run_id, final, end, result):
+                run.status, run.end, run.result, run.heartbeat = final, end, result, end
+            else:  # already closed, as interrupted, by another process's start-up sweep
+                run = self.store.get_run(self.run_id) or run
             self.record = run
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join()
