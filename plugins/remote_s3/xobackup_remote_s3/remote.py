@@ -382,6 +382,14 @@ class S3Remote(Remote):
             raise RemoteConfigError(f"invalid S3 settings: {error}", remote=name) from None
         try:
             self._call("open", "/", lambda c: c.head_bucket(Bucket=settings.bucket))
+        except RemotePermissionError as error:
+            # HEAD answers carry no error code: a bare 403 means bad keys or no permission.
+            raise RemotePermissionError(
+                f"access to bucket {settings.bucket!r} was refused ({error.detail}): check the "
+                "credentials (access_key / secret_key) and the bucket's permissions",
+                remote=name,
+                operation="open",
+            ) from None
         except RemoteNotFoundError:
             raise RemoteConfigError(
                 f"bucket {settings.bucket!r} does not exist"

