@@ -383,9 +383,13 @@ def _cell(value: Any, digits: int = 2) -> str:
 
 def format_result(entry: dict[str, Any]) -> str:
     """One line: name, ours, reference, ratio, target, PASS/FAIL, peak RSS."""
+    reference = (
+        f"{entry['reference']} {_cell(entry['reference_s'])}s"
+        if entry["reference_s"] is not None
+        else "no reference"
+    )
     return (
-        f"{entry['name']:<44} ours {_cell(entry['ours_s']):>7}s  "
-        f"{entry['reference']} {_cell(entry['reference_s'])}s  "
+        f"{entry['name']:<44} ours {_cell(entry['ours_s']):>7}s  {reference}  "
         f"ratio {_cell(entry['ratio'], 3)}  target {entry['target'] or '-'}  "
         f"{'pass' if entry['passed'] else 'FAIL'}  peak RSS {_cell(entry['peak_rss_mib'], 1)} MiB"
     )
