@@ -76,3 +76,29 @@ def test_check_reports_corruption_with_exit_code_data(
     assert result.exit_code == ExitCode.DATA
     assert "footer copy at offset 0 differs" in result.output
     assert _run("vhd", "info", str(tmp_path / "nope.vhd")).exit_code == ExitCode.USAGE
+
+
+def test_chain_mixing_a_file_and_a_vhd_directory(
+    tmp_path: Path, chain_builder: ChainBuilder
+) -> None:
+    """A VHD-file delta whose parent is a VhdDirectory (read through the file:// remote)."""
+    remote_module = require_module("xobackup_remote_local")
+    from xobackup_core.formats.source import LocalFileSource
+    from xobackup_core.formats.vhd import VhdFile
+    from xobackup_core.formats.vhd_directory import copy_disk_to_directory
+
+    chain = chain_builder.write(6 * BLOCK, chain_builder.random_layers(6, 2, 3))
+    base = chain.paths[0]
+    as_file = base.with_name("base-file.vhd")
+    base.rename(as_file)
+    remote = remote_module.LocalRemote(str(tmp_path))
+    with VhdFile.open(LocalFileSource(as_file)) as disk:
+        copy_disk_to_directory(disk, remote, "/" + base.name, compression=None)
+    as_file.unlink()
+    assert base.is_dir()
+    result = _run("vhd", "info", str(chain.leaf))
+    assert result.exit_code == 0, result.output
+    assert "chain: 2 disk(s)" in result.output
+    out = tmp_path / "mixed.raw"
+    assert _run("vhd", "cat", str(chain.leaf), "-o", str(out)).exit_code == 0
+    assert out.read_bytes() == bytes(chain.expected)

@@ -16,13 +16,13 @@ import click
 
 from xobackup_core.cli.context import AppContext, pass_app
 from xobackup_core.errors import RemoteNotFoundError, UsageError
-from xobackup_core.formats.vhd import VhdFile, describe, verify_vhd_file
+from xobackup_core.formats.vhd import VhdDisk, VhdFile, describe, verify_vhd_file
 from xobackup_core.formats.vhd_chain import (
     VhdChain,
     open_local_disk,
     open_vhd_chain,
-    remote_disk_opener,
 )
+from xobackup_core.remote import Remote
 
 _remote_option = click.option(
     "--remote",
@@ -34,12 +34,14 @@ _remote_option = click.option(
 
 @contextlib.contextmanager
 def _open_chain(app: AppContext, path: str, remote_name: str | None) -> Iterator[VhdChain]:
+    # VhdDirectory disks (and their aliases) are read through a remote, so a chain may mix
+    # them with VHD files; imported late because only these commands need them.
+    from xobackup_core.formats.vhd_directory import open_remote_disk, remote_disk_opener
+
     if remote_name:
         with app.open_remote(remote_name) as remote:
             if not remote.exists(path):
                 raise UsageError(f"{path}: no such file on remote {remote.name!r}")
-            if remote.stat(path).is_dir:
-                raise UsageError(f"{path}: is a folder (VhdDirectory disks are not supported here)")
             try:
                 chain = open_vhd_chain(path, remote_disk_opener(remote))
             except RemoteNotFoundError as error:
@@ -47,16 +49,24 @@ def _open_chain(app: AppContext, path: str, remote_name: str | None) -> Iterator
             with chain:
                 yield chain
         return
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a folder (VhdDirectory disks are not supported here)")
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
-    try:
-        chain = open_vhd_chain(path, open_local_disk)
-    except PermissionError as error:
-        raise UsageError(f"{path}: {error.strerror}") from None
-    with chain:
-        yield chain
+    with contextlib.ExitStack() as stack:
+        root: list[Remote] = []
+
+        def open_disk(disk_path: str) -> VhdDisk:
+            if os.path.isdir(disk_path) or disk_path.endswith(".alias.vhd"):
+                if not root:
+                    root.append(stack.enter_context(app.open_remote("file:///")))
+                return open_remote_disk(root[0], os.path.abspath(disk_path))
+            return open_local_disk(disk_path)
+
+        try:
+            chain = open_vhd_chain(path, open_disk)
+        except PermissionError as error:
+            raise UsageError(f"{path}: {error.strerror}") from None
+        with chain:
+            yield chain
 
 
 def _size(value: int) -> str:
