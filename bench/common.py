@@ -286,20 +286,32 @@ def make_data_file(path: str | os.PathLike[str], size: int, kind: str) -> Path:
     return path
 
 
+_made_here: set[Path] = set()
+
+
 def data_file(kind: str, size: int) -> Path:
-    """A cached data file of ``kind`` and ``size`` in :func:`data_dir` (made on first use)."""
+    """A cached data file of ``kind`` and ``size`` in :func:`data_dir` (made on first use).
+
+    Safe when several benchmark processes share the folder: each writes under its own
+    temporary name and renames, so none reads a half-written file.
+    """
     path = data_dir() / f"{kind}-{size // MIB}MiB.bin"
     if not path.exists() or path.stat().st_size != size:
-        temp = path.with_suffix(".partial")
-        make_data_file(temp, size, kind)
-        temp.rename(path)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            make_data_file(temp, size, kind)
+            temp.rename(path)
+        finally:
+            temp.unlink(missing_ok=True)
+        _made_here.add(path)
     return path
 
 
 def remove_data_files() -> None:
-    """Delete the cached data files made by :func:`data_file`."""
-    for path in data_dir().glob("*.bin"):
-        path.unlink()
+    """Delete the data files this process made with :func:`data_file` (not other runs')."""
+    for path in _made_here:
+        path.unlink(missing_ok=True)
+    _made_here.clear()
 
 
 def size_label(size: int) -> str:
