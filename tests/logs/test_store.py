@@ -375,3 +375,21 @@ def test_run_status_function_counts_nested_vm_tasks():
     assert run_status([ok_vm]) is Status.SUCCESS
     assert run_status([ok_vm], failed=True) is Status.FAILURE
     assert run_status([task("x", Status.CANCELLED, {"type": "VM"}), ok_vm]) is Status.CANCELLED
+
+
+def test_delete_old_runs_with_their_tasks(store, db_path):
+    old = record_backup(store, "j", "job", [("u1", "a")])
+    with store.start_run("j", "job", heartbeat_interval=None) as recorder:
+        recorder.task("backup VM", vm("u1", "a")).warning("w")
+    running = store.start_run("j", "job", heartbeat_interval=None)
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("UPDATE runs SET start_time = 0")  # all three are very old
+    assert store.delete_runs(before=1) == 2  # the pending one stays
+    assert [run.run_id for run in store.list_runs()] == [running.run_id]
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
+        assert raw.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    assert store.get_run(old.run_id) is None
+    running.finish()
+    with pytest.raises(RuntimeError, match="is finished"):
+        running.task("late")

@@ -311,6 +311,8 @@ class RunRecorder:
         with the exception's message (see :func:`error_message`) and goes on; a
         :class:`TaskSkipped` ends it ``skipped`` and stops there.
         """
+        if self.record is not None:
+            raise RuntimeError(f"run {self.run_id} is finished: no task can start in it")
         return TaskHandle(self, name, data, parent)
 
     def task_ended(self, task: TaskHandle) -> None:
