@@ -214,3 +214,68 @@ def test_killed_merge_resumes_to_the_same_result(tmp_path: Path) -> None:
         shutil.rmtree(folder)
     assert outcomes["killed"] >= 20, outcomes
     assert outcomes["mergeBlocks"] >= 10, outcomes  # most kills land while blocks are copied
+
+
+@pytest.fixture(scope="module")
+def sftp_remote():
+    require_module("paramiko")
+    from tests.conftest import require, require_tool
+    from tests.servers import sftp
+
+    require_tool("sshd")
+    require(sftp.available(), "sshd (as root)")
+    server = sftp.SftpServer.create().start()
+    module = require_module("xobackup_remote_sftp")
+    remote = module.SftpRemote.from_url(
+        server.url("vhd-merge"),
+        {
+            "key_file": str(server.client_key),
+            "host_key_fingerprint": server.host_key_fingerprint,
+            "name": "sftp-test",
+        },
+    )
+    yield remote
+    remote.close()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def smb_remote(tmp_path_factory):
+    require_module("smbprotocol")
+    from tests.conftest import require, require_tool
+    from tests.servers import smb
+    from xobackup_core.config import Secret
+
+    require_tool("smbd")
+    require_tool("smbpasswd")
+    require(smb.available(), "smbd (as root)")
+    server = smb.SmbServer(tmp_path_factory.mktemp("smbd")).start()
+    module = require_module("xobackup_remote_smb")
+    remote = module.open_smb_remote(
+        server.url("vhd-merge"), {"password": Secret(server.password), "name": "smb-test"}
+    )
+    yield remote
+    remote.close()
+    server.stop()
+
+
+@pytest.mark.parametrize("remote_fixture", ["sftp_remote", "smb_remote"])
+def test_merge_through_network_remotes(tmp_path: Path, remote_fixture: str, request) -> None:
+    """The same merge on real SFTP and SMB servers: in-place writes through RemoteFile."""
+    from xobackup_core.formats.vhd_chain import open_vhd_chain, remote_disk_opener
+
+    remote = request.getfixturevalue(remote_fixture)
+
+    chain, merged_view = _build(ChainBuilder(tmp_path, seed=6))
+    for path in chain.paths:
+        with remote.open_write(path.name) as writer:
+            writer.write(path.read_bytes())
+    names = [path.name for path in chain.paths[:-1]]
+    merge_vhd_chain(remote, names)
+    assert remote.list("/") == sorted([names[-1], "newest.vhd"])
+    opener = remote_disk_opener(remote)
+    with open_vhd_chain(names[-1], opener) as merged:
+        assert len(merged.disks) == 1
+        assert merged.read_at(0, SIZE) == merged_view
+    with open_vhd_chain("newest.vhd", opener) as newest:
+        assert newest.read_at(0, SIZE) == bytes(chain.expected)
