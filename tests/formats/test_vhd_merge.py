@@ -279,3 +279,42 @@ def test_merge_through_network_remotes(tmp_path: Path, remote_fixture: str, requ
         assert merged.read_at(0, SIZE) == merged_view
     with open_vhd_chain("newest.vhd", opener) as newest:
         assert newest.read_at(0, SIZE) == bytes(chain.expected)
+
+
+def test_merge_into_a_fixed_parent(tmp_path: Path) -> None:
+    """qemu's fixed VHD as the base: blocks are written in place, the footer stays fixed."""
+    from tests.conftest import require_tool
+
+    qemu_img = require_tool("qemu-img")
+    rnd = random.Random(9)
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(rnd.randbytes(4 * BLOCK))
+    options = "subformat=fixed,force_size=on"
+    target = tmp_path / "base.vhd"
+    subprocess.run(
+        [qemu_img, "convert", "-f", "raw", "-O", "vpc", "-o", options, raw, target], check=True
+    )
+    raw.unlink()
+    with VhdFile.open(LocalFileSource(tmp_path / "base.vhd")) as base:
+        link = ParentLink(base.uuid, "base.vhd", base.footer.timestamp)
+    changed = {1: rnd.randbytes(BLOCK), 3: rnd.randbytes(BLOCK)}
+    with open(tmp_path / "delta.vhd", "wb") as stream:
+        write_vhd_stream(
+            stream.write, 4 * BLOCK, sorted(changed.items()), sorted(changed), parent=link
+        )
+    expected = read_chain(tmp_path / "delta.vhd")
+    merge_vhd_chain(_local_remote(tmp_path), ["base.vhd", "delta.vhd"])
+    assert sorted(os.listdir(tmp_path)) == ["delta.vhd"]
+    with VhdFile.open(LocalFileSource(tmp_path / "delta.vhd")) as merged:
+        assert merged.type_name == "fixed"
+        assert merged.source.size() == 4 * BLOCK + 512
+    assert read_chain(tmp_path / "delta.vhd") == expected
+
+
+def test_stale_state_files_are_removed(tmp_path: Path) -> None:
+    remote = _local_remote(tmp_path)
+    state = {"chain": ["gone.vhd", "also-gone.vhd"], "step": "mergeBlocks", "currentBlock": 0}
+    (tmp_path / ".gone.vhd.merge.json").write_text(json.dumps(state))
+    with pytest.raises(FormatError, match="no longer exist"):
+        resume_merges(remote, "/")
+    assert os.listdir(tmp_path) == []
