@@ -20,6 +20,7 @@ gzip     ISA-L     ratio close to
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import zlib
@@ -65,6 +66,8 @@ class _NonClosingRaw(io.RawIOBase):
         super().__init__()
         self._stream = stream
         self.bytes_read = 0
+        self.discard = False
+        """Set when the compressing stream failed: nothing more reaches ``stream``."""
 
     def writable(self) -> bool:
         return True
@@ -73,7 +76,8 @@ class _NonClosingRaw(io.RawIOBase):
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        self._stream.write(data)
+        if not self.discard:
+            self._stream.write(data)
         return memoryview(data).nbytes
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
@@ -84,7 +88,7 @@ class _NonClosingRaw(io.RawIOBase):
         return count
 
     def flush(self) -> None:
-        if not self.closed:
+        if not self.closed and not self.discard:
             self._stream.flush()
 
 
@@ -97,7 +101,8 @@ class _GzipWriter(io.RawIOBase):
 
     def __init__(self, dst: BinaryIO, level: int, threads: int) -> None:
         super().__init__()
-        self._sink = io.BufferedWriter(_NonClosingRaw(dst), buffer_size=CHUNK_SIZE)
+        self._raw_sink = _NonClosingRaw(dst)
+        self._sink = io.BufferedWriter(self._raw_sink, buffer_size=CHUNK_SIZE)
         self._level = level
         self._threads = threads
         self._stream: BinaryIO | None = None
@@ -135,6 +140,16 @@ class _GzipWriter(io.RawIOBase):
         if not self._finished and self._stream is not None:
             self._stream.flush()
             self._sink.flush()
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The block failed, perhaps in dst itself: stop the compressor without writing its
+        # trailer into dst, and let the original error through. The caller discards dst.
+        self._raw_sink.discard = True
+        with contextlib.suppress(Exception):
+            self.close()
 
     def close(self) -> None:
         if self._finished:
@@ -194,7 +209,7 @@ class GzipCodec:
 
         ``threads`` None uses every CPU this process may run on; 0 or 1 compresses in the
         calling thread. Write from one thread. Closing writes the gzip trailer and leaves
-        ``dst`` open.
+        ``dst`` open; leaving a ``with`` block on an exception writes nothing more into ``dst``.
         """
         return _GzipWriter(dst, isal_level(level), thread_count(threads))  # type: ignore[return-value]
 

@@ -11,6 +11,7 @@ skippable frames) and reports corrupt or truncated input as
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from typing import BinaryIO
@@ -83,16 +84,19 @@ class _NonClosingRaw(io.RawIOBase):
     def __init__(self, dst: BinaryIO) -> None:
         super().__init__()
         self._dst = dst
+        self.discard = False
+        """Set when the stream failed: nothing more reaches ``dst``."""
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        self._dst.write(data)
+        if not self.discard:
+            self._dst.write(data)
         return memoryview(data).nbytes
 
     def flush(self) -> None:
-        if not self.closed:
+        if not self.closed and not self.discard:
             self._dst.flush()
 
 
@@ -101,7 +105,8 @@ class _ZstdWriter(io.RawIOBase):
 
     def __init__(self, dst: BinaryIO, level: int, workers: int) -> None:
         super().__init__()
-        self._sink = io.BufferedWriter(_NonClosingRaw(dst), buffer_size=CHUNK_SIZE)
+        self._raw_sink = _NonClosingRaw(dst)
+        self._sink = io.BufferedWriter(self._raw_sink, buffer_size=CHUNK_SIZE)
         compressor = zstandard.ZstdCompressor(compression_params=_parameters(level, workers))
         self._stream = compressor.stream_writer(
             self._sink, closefd=False, write_return_read=True, write_size=CHUNK_SIZE
@@ -121,6 +126,16 @@ class _ZstdWriter(io.RawIOBase):
         if not self._finished:
             self._stream.flush(zstandard.FLUSH_BLOCK)
             self._sink.flush()
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The block failed, perhaps in dst itself: stop the compressor without writing its
+        # trailer into dst, and let the original error through. The caller discards dst.
+        self._raw_sink.discard = True
+        with contextlib.suppress(Exception):
+            self.close()
 
     def close(self) -> None:
         if self._finished:
@@ -195,7 +210,8 @@ class ZstdCodec:
         """A writable stream compressing into ``dst`` at ``level`` (1..22, -1..-131072 fast).
 
         ``threads`` None uses every CPU this process may run on; 0 or 1 compresses in the
-        calling thread. Closing the stream ends the frame and leaves ``dst`` open.
+        calling thread. Closing the stream ends the frame and leaves ``dst`` open; leaving a
+        ``with`` block on an exception writes nothing more into ``dst``.
         """
         return _ZstdWriter(dst, check_level(level), worker_count(threads))  # type: ignore[return-value]
 

@@ -113,6 +113,45 @@ def test_close_leaves_destination_open():
         writer.write(b"more")
 
 
+@pytest.mark.parametrize("threads", [0, 2])
+def test_failing_destination_error_comes_through(threads):
+    class FullDisk(io.RawIOBase):
+        def __init__(self):
+            self.received = 0
+            self.calls_after_failure = 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            if self.received >= 3 * MIB:
+                self.calls_after_failure += 1
+                raise OSError(28, "No space left on device")
+            self.received += len(data)
+            return len(data)
+
+    dst = FullDisk()
+    with pytest.raises(OSError, match="No space left") as caught:
+        with ZstdCodec().open_compress(dst, threads=threads) as writer:
+            for _ in range(32):
+                writer.write(os.urandom(MIB))
+    # The destination's first error, not another one raised while closing (ISA-L's worker
+    # re-raises the very same error object, which then is its own context).
+    assert caught.value.__context__ in (None, caught.value)
+    assert dst.calls_after_failure == 1  # no trailer was pushed into the failed destination
+
+
+def test_error_in_the_block_leaves_destination_without_trailer():
+    out = io.BytesIO()
+    with pytest.raises(RuntimeError, match="source broke"):
+        with ZstdCodec().open_compress(out) as writer:
+            writer.write(b"x" * 1000)
+            raise RuntimeError("source broke")
+    assert not out.closed
+    with pytest.raises(FormatError):
+        ZstdCodec().open_decompress(io.BytesIO(out.getvalue())).read()
+
+
 def test_decompress_leaves_source_open():
     source = io.BytesIO(compress(b"abc" * 100))
     with ZstdCodec().open_decompress(source) as reader:
