@@ -499,7 +499,7 @@ def describe(disk: VhdDisk) -> dict[str, object]:
         "block_size": disk.block_size,
         "blocks": disk.block_count,
         "allocated_blocks": disk.allocated_count(),
-        "creator": disk.footer.creator_application.decode("latin-1"),
+        "creator": disk.footer.creator_application.decode("latin-1").rstrip("\x00"),
         "parent_uuid": str(disk.parent_uuid) if disk.parent_uuid else None,
         "parent_name": disk.parent_name or None,
     }

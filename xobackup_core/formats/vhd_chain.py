@@ -199,6 +199,12 @@ def open_vhd_chain(path: str, open_disk: OpenDisk = open_local_disk) -> VhdChain
                     path=disk.path,
                     field="header.parent_unicode_name",
                 ) from None
+            except OSError as error:
+                raise FormatError(
+                    f"cannot open parent {parent_path}: {error.strerror}",
+                    path=disk.path,
+                    field="header.parent_unicode_name",
+                ) from None
             disks.append(parent)
             paths.append(parent_path)
             if parent.uuid != disk.header.parent_uuid:

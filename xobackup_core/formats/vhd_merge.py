@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import posixpath
 import time
+import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -267,7 +268,7 @@ def _merge_block(parent: VhdFile, children: Sequence[VhdDisk], index: int) -> No
             # Start from the parent's own data: sectors no child sets keep their value.
             base = parent.read_block(index)
             result = bytearray(base.data) if base is not None else bytearray(block_size)
-            bitmap = base.bitmap if base is not None else bytes(parent_bitmap_size(parent))
+            bitmap = base.bitmap if base is not None else bytes(_bitmap_size(parent))
         bits = int.from_bytes(block.bitmap[: sectors // 8], "big")
         wanted = bits & ~covered & full
         if wanted:
@@ -280,15 +281,13 @@ def _merge_block(parent: VhdFile, children: Sequence[VhdDisk], index: int) -> No
         parent.write_block(index, bitmap, result)
 
 
-def parent_bitmap_size(disk: VhdDisk) -> int:
+def _bitmap_size(disk: VhdDisk) -> int:
     return disk.header.bitmap_size if disk.header is not None else 0
 
 
 def _cleanup(
     remote: Remote, paths: list[str], state_path: str, state: dict, *, resumed: bool
 ) -> MergeResult:
-    import uuid as uuidlib
-
     parent_path, leaf_path = paths[0], paths[-1]
     if remote.exists(parent_path):
         with remote.open_update(parent_path) as file:
