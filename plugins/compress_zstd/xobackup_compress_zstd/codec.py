@@ -4,9 +4,9 @@ Compression runs on libzstd's own worker threads (``threads``), so it does not h
 and its speed matches the ``zstd`` command with the same ``-T``. Memory is bounded by the
 level's window and the number of workers, never by the stream size: at the default level 3
 each worker holds 10 to 25 MiB (jobs in flight, input and output), so two workers stay near
-70 MiB; levels 20 to 22 use windows of up to 128 MiB. Output is a standard zstd frame with a content checksum, readable
-by ``zstd -d``; decompression accepts anything ``zstd -d`` writes or reads (several frames,
-skippable frames) and reports corrupt or truncated input as
+70 MiB; levels 20 to 22 use windows of up to 128 MiB. Output is a standard zstd frame with a
+content checksum, readable by ``zstd -d``; decompression accepts anything ``zstd -d`` reads
+(several frames, skippable frames) and reports corrupt or truncated input as
 :class:`~xobackup_core.errors.FormatError`.
 """
 
