@@ -225,6 +225,23 @@ def test_every_truncation_is_a_format_error():
     assert decompress(blob) == data
 
 
+@pytest.mark.parametrize("size", [0, 200, 70_000, 300_000])
+def test_every_truncation_of_cli_frames_is_a_format_error(tmp_path, size):
+    # The CLI knows the input size, so it writes single-segment frames with 1- to 4-byte
+    # content sizes: header layouts our own streaming writer never produces.
+    zstd = require_tool("zstd")
+    data = mixed_data(size, seed=size)
+    source = tmp_path / "data"
+    source.write_bytes(data)
+    blob = subprocess.run(
+        [zstd, "-q", "-c", "-3", str(source)], capture_output=True, check=True
+    ).stdout
+    assert decompress(blob) == data
+    for cut in range(1, len(blob), max(1, len(blob) // 400)):
+        with pytest.raises(FormatError, match=r"zstd: (compressed data ends|corrupt)"):
+            decompress(blob[:cut])
+
+
 def test_truncation_between_frames_of_a_multi_frame_stream_is_not_an_error():
     # A stream of two whole frames is complete; one and a half is not.
     frame = compress(b"x" * 1000)
