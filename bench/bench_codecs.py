@@ -3,6 +3,9 @@
 * zstd plugin, level 3, every CPU, vs ``zstd -3 -T<same>``: target ratio <= 1.15.
 * gzip plugin (ISA-L), level 6, every CPU, vs Python's single-threaded ``gzip`` module at the
   same level: target ratio <= 0.5 (at least twice as fast); ``gzip -t`` must accept our output.
+* decompression, each plugin vs its command-line tool (``zstd -d``, ``gzip -d``) reading the
+  same file: target ratio <= 1.15 for zstd, <= 1.0 for gzip (ISA-L's inflate is not slower
+  than gzip's).
 * peak RSS of each plugin under 100 MiB at 1 GiB, and at 4 GiB in full mode.
 
 Input: a file of mixed data (half random, a quarter zeros, a quarter text), read in 8 MiB
@@ -67,6 +70,67 @@ def compress_file(
             while count := src.readinto(buffer):
                 writer.write(view[:count])
         return {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start}
+
+
+def decompress_file(codec: str, source: str) -> dict[str, float]:
+    """Decompress ``source`` with a plugin codec into /dev/null, in 8 MiB reads.
+
+    Runs in a child process; returns the wall and CPU seconds from opening to the last read.
+    """
+    from xobackup_core.plugins import Plugins
+
+    plugin = Plugins(autoload=False, only=[f"compress_{codec}"]).compressor(codec)
+    buffer = bytearray(IO_CHUNK)
+    with open(source, "rb") as src, open("/dev/null", "wb") as sink:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with plugin.open_decompress(src) as reader:
+            while count := reader.readinto(buffer):
+                sink.write(memoryview(buffer)[:count])
+        return {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start}
+
+
+def _decompress(codec: str, source: Path) -> ChildRun:
+    child = run_python("bench_codecs:decompress_file", codec, source)
+    return ChildRun(child.value["seconds"], child.peak_rss_mib, cpu_s=child.value["cpu_s"])
+
+
+def _decompression(source: Path, size: int, threads: int, runs: int) -> list[dict[str, Any]]:
+    """Both plugins reading back, against the command-line tools reading the same file."""
+    zstd, gzip_tool = shutil.which("zstd"), shutil.which("gzip")
+    if zstd is None or gzip_tool is None:
+        raise RuntimeError("the zstd and gzip programs are needed")
+    compressed = {
+        "zstd": data_dir() / "bench-codecs-input.zst",
+        "gzip": data_dir() / "bench-codecs-input.gz",
+    }
+    entries = []
+    try:
+        run_command([zstd, "-q", "-3", f"-T{threads}", "-c", source], stdout=compressed["zstd"])
+        _compress("gzip", source, compressed["gzip"], 6, threads)
+        for codec, tool, target in (("zstd", zstd, ZSTD_TARGET), ("gzip", gzip_tool, 1.0)):
+            ours, reference = compare(
+                runs,
+                lambda codec=codec: _decompress(codec, compressed[codec]),
+                lambda tool=tool, codec=codec: run_command([tool, "-d", "-c", compressed[codec]]),
+            )
+            entries.append(
+                result(
+                    f"{codec} decompress {size_label(size)} mixed",
+                    ours_s=ours.seconds,
+                    reference_s=reference.seconds,
+                    reference=f"{codec} -d CLI",
+                    max_ratio=target,
+                    peak_rss_mib=ours.peak_rss_mib,
+                    max_rss_mib=RSS_LIMIT_MIB,
+                    reference_rss_mib=round(reference.peak_rss_mib, 1),
+                    cpu_ratio=_cpu_ratio(ours, reference),
+                    mib_per_s=round(size / MIB / ours.seconds, 1),
+                )
+            )
+    finally:
+        for path in compressed.values():
+            path.unlink(missing_ok=True)
+    return entries
 
 
 def _compress(codec: str, source: Path, target: str | Path, level: int, threads: int) -> ChildRun:
@@ -146,6 +210,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     results = []
     for measure in (_zstd, _gzip):
         entry = measure(source, size, threads, runs)
+        print_result(entry)
+        results.append(entry)
+    for entry in _decompression(source, size, threads, runs):
         print_result(entry)
         results.append(entry)
     if not quick:
