@@ -67,8 +67,9 @@ def _parameters(level: int, workers: int) -> zstandard.ZstdCompressionParameters
     """libzstd's parameters for ``level``, with a smaller job per worker than its default.
 
     libzstd gives each worker jobs of 4 windows (8 MiB at level 3) and keeps about two jobs
-    per worker in flight, input and output: 100 MiB for two workers. Jobs of 2 windows, at
-    least 4 MiB, hold that to about 70 MiB with no measurable loss of speed or ratio.
+    per worker in flight, input and output: a process compressing with two workers peaks near
+    100 MiB. Jobs of 2 windows, at least 4 MiB, bring that to about 75 MiB with no measurable
+    loss of speed or ratio.
     """
     defaults = zstandard.ZstdCompressionParameters.from_level(level)
     extra = {}
