@@ -153,8 +153,10 @@ from xobackup_core.formats.vhd_merge import merge_vhd_chain
 remote = LocalRemote({folder!r})
 print("ready", flush=True)
 sys.stdin.readline()
-merge_vhd_chain(remote, {names!r}, progress=lambda done, total: time.sleep(0.004),
-                state_interval=0)
+def progress(done, total):
+    print(done, total, flush=True)
+    time.sleep(0.004)
+merge_vhd_chain(remote, {names!r}, progress=progress, state_interval=0)
 print("done", flush=True)
 """
 
@@ -184,14 +186,14 @@ def test_killed_merge_resumes_to_the_same_result(tmp_path: Path) -> None:
         moved = BuiltChain([folder / p.name for p in chain.paths], chain.size, chain.expected)
         return folder, moved
 
-    folder, _ = fresh(0)
+    folder, copy = fresh(0)
     worker = _start_worker(folder, names)
-    start = time.monotonic()
     worker.stdin.write("go\n")
     worker.stdin.flush()
-    assert worker.stdout.readline().strip() == "done"
-    duration = time.monotonic() - start
+    total = int(worker.stdout.readline().split()[1])
+    assert worker.stdout.read().splitlines()[-1] == "done"
     worker.wait()
+    _check_merged(folder, copy, merged_view)
     rnd = random.Random(11)
     outcomes = {"killed": 0, "finished": 0, "mergeBlocks": 0, "cleanup": 0}
     for trial in range(1, 25):
@@ -199,7 +201,14 @@ def test_killed_merge_resumes_to_the_same_result(tmp_path: Path) -> None:
         worker = _start_worker(folder, names)
         worker.stdin.write("go\n")
         worker.stdin.flush()
-        time.sleep(rnd.uniform(0, duration * 1.1))
+        # Kill after a random number of merged blocks (0: while the merge starts; all: in
+        # the cleanup or just after it), at a random moment of the following work.
+        target = rnd.randint(0, total)
+        if target:
+            for line in worker.stdout:
+                if line.strip() == "done" or int(line.split()[0]) >= target:
+                    break
+        time.sleep(rnd.uniform(0, 0.006))
         worker.send_signal(signal.SIGKILL)
         worker.wait()
         outcomes["killed" if worker.returncode == -signal.SIGKILL else "finished"] += 1
