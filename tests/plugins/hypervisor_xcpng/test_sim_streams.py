@@ -95,6 +95,7 @@ def test_vhd_export_converts_bit_exact_with_qemu_img(xapi_sim, tmp_path):
     qemu_img = require_tool("qemu-img")
     session = login(xapi_sim)
     vdi = disk_of(session, first_guest(session))
+    xapi_sim.write(vdi, 7 * MiB + 3, b"stored, not generated")  # sent with sendfile
     query = {"session_id": session._session, "vdi": vdi, "format": "vhd"}
     status, response, body = request(xapi_sim.pool(0).url, "GET", "/export_raw_vdi", query)
     assert status == 200 and response.getheader("content-type") == "application/vhd"

@@ -48,6 +48,10 @@ class BlobStore:
         self._next = 0
         self._lock = threading.Lock()
 
+    def fileno(self) -> int:
+        """The data file's descriptor (exports ``sendfile`` stored blocks from it)."""
+        return self._fd
+
     def close(self) -> None:
         """Close the data file (blobs are gone with it)."""
         if self._fd >= 0:
