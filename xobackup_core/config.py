@@ -203,8 +203,8 @@ class Settings(_Strict):
 
 
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "exportRetention": 0,
-    "copyRetention": 0,
+    "exportRetention": 1,
+    "copyRetention": 1,
     "snapshotRetention": 0,
     "fullInterval": 0,
     "concurrency": 2,
@@ -228,8 +228,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "vhdDirectoryCompression": "brotli",
     "bypassVdiChainsCheck": False,
 }
-"""Library defaults, the weakest layer (the same as Xen Orchestra's, except that merges run
-inside the job so its log shows them)."""
+"""Library defaults, the weakest layer: Xen Orchestra's, with its UI's retention defaults (1)
+and merges run inside the job so its log shows them. As in Xen Orchestra, a retention of 0
+means the schedule does not write to that kind of target at all."""
 
 
 def _check_timezone(value: str | None) -> str | None:

@@ -66,7 +66,7 @@ def test_valid_config_and_layered_settings(tmp_path, monkeypatch):
     assert job.smart.tags == ["prod"]
     base = config.effective_settings("nightly")
     assert base["concurrency"] == 4 and base["fullInterval"] == 7 and base["timeout"] == 7200
-    assert base["exportRetention"] == 0 and base["snapshotRetention"] == 0
+    assert base["exportRetention"] == 1 and base["snapshotRetention"] == 0
     scheduled = config.effective_settings("nightly", schedule_key="every-night")
     assert scheduled["exportRetention"] == 7
     per_target = config.effective_settings("nightly", schedule_key="every-night", target="s3")

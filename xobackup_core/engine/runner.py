@@ -164,8 +164,12 @@ class JobRunner:
         recorder.info("vms", {"vms": [vm.uuid for vm in vms]})
         if not vms:
             return "no VMs match this pattern"
-        targets = self._open_remotes(job.remotes, recorder)
-        if job.remotes and not targets:
+        remote_names = job.remotes
+        if job.remotes and settings["exportRetention"] == 0:
+            recorder.info("exportRetention is 0 for this schedule: no backup to remotes")
+            remote_names = []
+        targets = self._open_remotes(remote_names, recorder)
+        if remote_names and not targets:
             raise XobackupError("no remote of the job could be opened")
         limiter = RateLimiter(int(settings["maxExportRate"] or 0))
         workers = settings["concurrency"] or len(vms)
