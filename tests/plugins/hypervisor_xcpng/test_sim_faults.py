@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import io
 import threading
 import time
 import xmlrpc.client
@@ -259,3 +260,22 @@ def test_upload_drop_fails_the_import_task(xapi_sim):
     connection.close()
     record = wait_task(session, task)
     assert record["status"] == "failure" and record["error_info"][0] == "VDI_IO_ERROR"
+
+
+def test_corrupt_fault_is_caught_by_the_xva_checksums(xapi_sim):
+    from xobackup_core.errors import FormatError
+    from xobackup_core.formats.xva import XvaReader
+
+    session = login(xapi_sim)
+    vm = guest(session, "vm001")
+    assert session.xenapi.VM.get_power_state(vm) == "Halted"
+    query = {"session_id": session._session, "ref": vm}
+    status, body = download(xapi_sim.pool(0).url, "/export", query)
+    assert status == 200
+    XvaReader(io.BytesIO(body)).read_all()  # intact
+    # flip a byte inside the first data chunk (after ova.xml and the chunk's tar header)
+    xapi_sim.arm("/export", "corrupt", after_bytes=len(body) // 2)
+    _, damaged = download(xapi_sim.pool(0).url, "/export", query)
+    assert len(damaged) == len(body) and damaged != body
+    with pytest.raises(FormatError):
+        XvaReader(io.BytesIO(damaged)).read_all()

@@ -25,6 +25,7 @@ KINDS = (
     "embedded500",  # /export_raw_vdi: 200 header then a complete HTTP/1.1 500 body (xen-api #4603)
     "truncate",  # HTTP streams: stop after ``after_bytes`` bytes but mark the task success
     "task_failure",  # HTTP streams: send everything, then fail the task (VDI_IO_ERROR)
+    "corrupt",  # HTTP downloads: flip the byte at offset ``after_bytes`` (checksums, footers)
 )
 
 

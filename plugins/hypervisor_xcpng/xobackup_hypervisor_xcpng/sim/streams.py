@@ -167,6 +167,10 @@ class StreamRequest:
                 fault.wait(self.xapi.sim.stopping) if fault.seconds == 0 else time.sleep(
                     fault.seconds
                 )
+            if fault.kind == "corrupt" and self.sent <= fault.after_bytes < self.sent + len(view):
+                damaged = bytearray(view)
+                damaged[fault.after_bytes - self.sent] ^= 0xFF
+                view = memoryview(bytes(damaged))
         throttle = self.fault("throttle")
         if throttle is not None and throttle.rate > 0:
             while view:
