@@ -7,6 +7,7 @@ optionally recomputed so the damage reaches the deeper checks.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import tracemalloc
 import uuid
@@ -141,7 +142,7 @@ def _exercise(files: dict[str, bytes]) -> None:
     with open_vhd_chain("child.vhd", open_disk) as chain:
         for disk in chain.disks:
             verify_vhd_file(disk)  # type: ignore[arg-type]
-        for index in chain.allocated_blocks()[:8]:
+        for index in itertools.islice(chain.allocated_blocks(), 8):
             assert len(chain.read_block(index)) == chain.block_size
         chain.read_at(max(0, chain.size - 5000), 10000)
 

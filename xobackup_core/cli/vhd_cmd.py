@@ -105,7 +105,7 @@ def info_command(app: AppContext, path: str, remote_name: str | None) -> None:
                 click.echo(f"  parent: {facts['parent_name']} (uuid {facts['parent_uuid']})")
         click.echo(
             f"chain: {len(chain.disks)} disk(s), virtual size {chain.size} bytes, "
-            f"{len(chain.allocated_blocks())} allocated block(s)"
+            f"{sum(1 for _ in chain.allocated_blocks())} allocated block(s)"
         )
 
 
@@ -143,9 +143,8 @@ def cat_command(app: AppContext, path: str, remote_name: str | None, output: str
 
 
 def _cat(chain: VhdChain, stream: BinaryIO, *, sparse: bool) -> None:
-    allocated = set(chain.allocated_blocks()) if sparse else None
     for index, data in chain.iter_blocks():
-        if allocated is not None and index not in allocated:
+        if sparse and not chain.has_block(index):
             stream.seek(len(data), os.SEEK_CUR)
             continue
         stream.write(data)

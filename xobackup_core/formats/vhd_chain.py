@@ -80,12 +80,14 @@ class VhdChain:
         """True when some disk of the chain holds block ``index``."""
         return any(disk.has_block(index) for disk in self.disks)
 
-    def allocated_blocks(self) -> list[int]:
-        """Blocks allocated anywhere in the chain, ascending."""
-        found: set[int] = set()
+    def allocated_blocks(self) -> Iterator[int]:
+        """Blocks allocated anywhere in the chain, ascending (one byte per block in memory)."""
+        flags = bytearray(self.block_count)
         for disk in self.disks:
-            found.update(index for index in disk.allocated_blocks() if index < self.block_count)
-        return sorted(found)
+            for index in disk.allocated_blocks():
+                if index < self.block_count:
+                    flags[index] = 1
+        return (index for index, flag in enumerate(flags) if flag)
 
     def read_block(self, index: int) -> bytes | memoryview:
         """The ``block_size`` bytes of virtual block ``index`` as the leaf sees them."""
