@@ -205,7 +205,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     """Every codec result; ``quick`` uses 64 MiB inputs and skips the 4 GiB memory check."""
     threads = cpu_count()
     size = 64 * MIB if quick else GIB
-    runs = 3 if quick else 2
+    runs = 3
     source = data_file("mixed", size)
     results = []
     for measure in (_zstd, _gzip):

@@ -94,9 +94,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         size = 64 * MIB if quick else 2 * GIB
         source = data_file("mixed", size)
         _warm(source)
-        ours, reference = compare(
-            3 if quick else 2, lambda: _ours(source, folder), lambda: _dd(dd, source, folder)
-        )
+        ours, reference = compare(3, lambda: _ours(source, folder), lambda: _dd(dd, source, folder))
         entry = result(
             f"local remote write {size_label(size)} + fsync",
             ours_s=ours.seconds,
