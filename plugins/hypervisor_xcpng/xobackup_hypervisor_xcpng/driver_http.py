@@ -354,18 +354,20 @@ class XapiDownload(io.RawIOBase):
         if self._settled or self._response is None:
             return 0
         view = memoryview(buffer).cast("B")
+        count = 0
         if self._pending:
             count = min(len(view), len(self._pending))
             view[:count] = self._pending[:count]
             self._pending = self._pending[count:]
-        else:
+        if count < len(view):
             try:
-                count = self._response.readinto(view)
+                got = self._response.readinto(view[count:])
             except (OSError, http.client.HTTPException) as error:
                 self._fail(error)
-            if count == 0:
+            if got == 0 and count == 0:
                 self._finish()
                 return 0
+            count += got
         self.check.feed(view[:count])
         self.bytes_read += count
         return count

@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import re
+import select
 import socket
 import ssl
 import threading
@@ -239,6 +240,18 @@ def describe_os_error(error: BaseException, endpoint: Endpoint, timeout: float) 
         detail = getattr(error, "strerror", None) or str(error) or type(error).__name__
         return XapiConnectionError(f"{endpoint}: connection failed: {detail}")
     return XapiConnectionError(f"{endpoint}: {type(error).__name__}: {error}")
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle kept-alive connection was closed by the host (readable = EOF)."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _json_default(value: Any) -> Any:
@@ -548,6 +561,9 @@ class XapiSession:
             for index, (where, conn) in enumerate(self._idle):
                 if where == endpoint:
                     del self._idle[index]
+                    if _dropped(conn):
+                        conn.close()
+                        continue
                     conn.timeout = timeout
                     if conn.sock is not None:
                         conn.sock.settimeout(timeout)
@@ -582,10 +598,17 @@ class XapiSession:
                 status, ctype, body = self._post(conn, method, params)
             except (OSError, http.client.HTTPException) as error:
                 conn.close()
-                if reused and isinstance(
-                    error, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+                if (
+                    reused
+                    and (_idempotent(method) or method == "session.login_with_password")
+                    and isinstance(
+                        error,
+                        (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError),
+                    )
                 ):
-                    # a kept-alive connection the host closed meanwhile: nothing was processed
+                    # a kept-alive connection the host closed meanwhile; only calls that are
+                    # safe to repeat are sent again (a closed connection could also mean the
+                    # host processed the call and died before answering)
                     continue
                 raise describe_os_error(error, endpoint, timeout) from None
             except HypervisorError:

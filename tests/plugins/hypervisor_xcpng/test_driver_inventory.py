@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from xobackup_hypervisor_xcpng.sim import Simulator
 
-from tests.plugins.hypervisor_xcpng.driver_helpers import make_driver, running_vm
+from tests.plugins.hypervisor_xcpng.test_driver_helpers import make_driver, running_vm
 from xobackup_core.hypervisor import Inventory
 
 

@@ -6,7 +6,7 @@ import pytest
 from xobackup_hypervisor_xcpng.driver import QUIESCE_FALLBACK_KEY, XapiDriver
 from xobackup_hypervisor_xcpng.sim import Simulator
 
-from tests.plugins.hypervisor_xcpng.driver_helpers import (
+from tests.plugins.hypervisor_xcpng.test_driver_helpers import (
     first_disk,
     halted_vm,
     make_driver,

@@ -17,7 +17,7 @@ from xobackup_hypervisor_xcpng.driver import XapiDriver
 from xobackup_hypervisor_xcpng.sim import Simulator
 
 from tests.conftest import require_module, require_tool
-from tests.plugins.hypervisor_xcpng.driver_helpers import (
+from tests.plugins.hypervisor_xcpng.test_driver_helpers import (
     first_disk,
     halted_vm,
     make_driver,
