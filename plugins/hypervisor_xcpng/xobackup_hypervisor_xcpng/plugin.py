@@ -23,8 +23,12 @@ def xobackup_provides() -> Sequence[Provided]:
 
 @hookimpl
 def xobackup_hypervisor(server: Mapping[str, Any]) -> HypervisorDriver | None:
-    """The XAPI driver for ``type = "xcpng"`` servers (not available yet: None)."""
-    return None
+    """The XAPI driver for ``type = "xcpng"`` servers."""
+    if server.get("type", "xcpng") != "xcpng":
+        return None
+    from xobackup_hypervisor_xcpng.driver import XapiDriver
+
+    return XapiDriver(server)
 
 
 @hookimpl
