@@ -98,3 +98,50 @@ def test_cbt_changed_blocks_follow_guest_writes(xapi_sim):
         assert failure.details == ["VDI_NO_CBT_METADATA", disk]
     else:
         raise AssertionError("CBT disabled, yet changed blocks were listed")
+
+
+def test_control_endpoint_drives_another_process_simulator(xapi_sim):
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = xapi_sim.pool(0).url
+    session = XenAPI.Session(url)
+    session.xenapi.login_with_password("root", xapi_sim.password)
+
+    def control(action: str, **body):
+        request = urllib.request.Request(
+            f"{url}/sim/{action}?session_id={session._session}", json.dumps(body).encode()
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    vm = next(
+        r
+        for r, v in session.xenapi.VM.get_all_records().items()
+        if v["name_label"].endswith("vm000")
+    )
+    control("fault", target="VM.snapshot", kind="error", code="SR_FULL", params=["1", "2"])
+    try:
+        session.xenapi.VM.snapshot(vm, "x")
+    except XenAPI.Failure as failure:
+        assert failure.details == ["SR_FULL", "1", "2"]
+    else:
+        raise AssertionError("the fault armed over HTTP did not fire")
+    session.xenapi.VM.snapshot(vm, "y")
+    assert control("counters")["maximum"]["snapshot"] == 1
+    disk = next(
+        session.xenapi.VBD.get_VDI(b)
+        for b in session.xenapi.VM.get_VBDs(vm)
+        if session.xenapi.VBD.get_type(b) == "Disk"
+    )
+    control("write", vdi=disk, offset=4096, data=base64.b64encode(b"hello").decode())
+    assert xapi_sim.read(disk, 4096, 5) == b"hello"
+    assert control("randomize_blocks", vdi=disk, fraction=0.1, seed=1)["blocks"]
+    anonymous = urllib.request.Request(f"{url}/sim/counters", b"{}")
+    try:
+        urllib.request.urlopen(anonymous, timeout=10)
+    except urllib.error.HTTPError as error:
+        assert error.code == 401
+    else:
+        raise AssertionError("the control endpoint answered without credentials")

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from xobackup_hypervisor_xcpng.sim import streams
+from xobackup_hypervisor_xcpng.sim import control, streams
 from xobackup_hypervisor_xcpng.sim.codec import (
     XapiError,
     json_dumps,
@@ -136,6 +136,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             return
         if path == "/jsonrpc":
             self._jsonrpc(body)
+        elif path.startswith("/sim/"):
+            control.handle(self, body)
         else:
             self._xmlrpc(body)
 
