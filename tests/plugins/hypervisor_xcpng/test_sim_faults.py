@@ -279,3 +279,27 @@ def test_corrupt_fault_is_caught_by_the_xva_checksums(xapi_sim):
     assert len(damaged) == len(body) and damaged != body
     with pytest.raises(FormatError):
         XvaReader(io.BytesIO(damaged)).read_all()
+
+
+def test_cancelling_the_task_stops_the_download(xapi_sim):
+    session = login(xapi_sim)
+    api = session.xenapi
+    vdi = disk_of(session, guest(session))
+    size = int(api.VDI.get_virtual_size(vdi))
+    xapi_sim.arm("/export_raw_vdi", "throttle", rate=8 * MiB)
+    task = api.task.create("export", "")
+    result = {}
+    query = {"session_id": session._session, "vdi": vdi, "task_id": task}
+    thread = threading.Thread(
+        target=lambda: result.update(out=download(xapi_sim.pool(0).url, "/export_raw_vdi", query))
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while float(api.task.get_progress(task)) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    api.task.cancel(task)
+    thread.join(30)
+    status, body = result["out"]
+    assert status == 200 and 0 < len(body) < size
+    assert api.task.get_status(task) == "cancelled"
+    assert api.task.get_error_info(task) == ["TASK_CANCELLED", task]
