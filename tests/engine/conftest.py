@@ -7,19 +7,10 @@ import pytest
 from xobackup_core.config import parse_config
 from xobackup_core.engine.limits import LimitValues, PoolLimiter
 from xobackup_core.engine.runner import JobRunner
-from xobackup_core.hookspecs import hookimpl
 from xobackup_core.logs.store import LogStore
 from xobackup_core.plugins import Plugins
 
 pytest_plugins = ["xobackup_hypervisor_xcpng.sim.pytest_fixtures"]
-
-
-class _DriverHook:
-    @hookimpl
-    def xobackup_hypervisor(self, server):
-        from xobackup_hypervisor_xcpng.driver import XapiDriver
-
-        return XapiDriver(server) if server["type"] == "xcpng" else None
 
 
 class Harness:
@@ -29,7 +20,7 @@ class Harness:
         self.tmp_path = tmp_path
         self.sim = sim
         self.store = LogStore(tmp_path / "logs.sqlite")
-        self.plugins = Plugins(extra=[("xapi-driver-for-tests", _DriverHook())])
+        self.plugins = Plugins()
 
     def config(self, jobs, remotes=None, schedules=None, settings=None, limits=None):
         remotes = remotes if remotes is not None else {"nas": {"url": f"file://{self.remote_dir}"}}

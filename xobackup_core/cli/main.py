@@ -18,6 +18,8 @@ from xobackup_core import __version__
 from xobackup_core.cli import (
     backups_cmd,
     config_cmd,
+    daemon_cmd,
+    demo_cmd,
     logs_cmd,
     plugins_cmd,
     remote_cmd,
@@ -75,7 +77,17 @@ def cli(
     app.config_path = config_path
 
 
-for module in (plugins_cmd, config_cmd, remote_cmd, run_cmd, backups_cmd, logs_cmd, vhd_cmd):
+for module in (
+    plugins_cmd,
+    config_cmd,
+    demo_cmd,
+    remote_cmd,
+    run_cmd,
+    backups_cmd,
+    logs_cmd,
+    vhd_cmd,
+    daemon_cmd,
+):
     module.register(cli)
 
 
