@@ -10,9 +10,15 @@ Writers that patch a file in place take a :class:`~xobackup_core.remote.RemoteFi
 from __future__ import annotations
 
 import os
-from typing import Protocol, runtime_checkable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol, TypeVar, runtime_checkable
 
 from xobackup_core.remote import Remote, RemoteFile
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @runtime_checkable
@@ -158,3 +164,27 @@ class LocalFile(RemoteFile):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def read_ahead(
+    function: Callable[[T], R], items: Iterable[T], depth: int = 2
+) -> Iterator[tuple[T, R]]:
+    """``(item, function(item))`` in order, computing up to ``depth`` items ahead in a thread.
+
+    Reads release the GIL, so reading the next block overlaps writing the current one; at most
+    ``depth + 1`` results exist at once, so memory stays bounded.
+    """
+    pending: deque[tuple[T, Future[R]]] = deque()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            for item in items:
+                pending.append((item, pool.submit(function, item)))
+                if len(pending) > depth:
+                    done_item, future = pending.popleft()
+                    yield done_item, future.result()
+            while pending:
+                done_item, future = pending.popleft()
+                yield done_item, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()

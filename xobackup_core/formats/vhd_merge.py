@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from xobackup_core.errors import FormatError, RemoteNotFoundError, UsageError
-from xobackup_core.formats.source import RemoteSource
+from xobackup_core.formats.source import RemoteSource, read_ahead
 from xobackup_core.formats.vhd import VhdDisk, VhdFile
 from xobackup_core.formats.vhd_structs import (
     DISK_TYPE_FIXED,
@@ -213,8 +213,10 @@ def _merge(
             todo = [index for index in blocks if index >= start_block]
             merged_bytes = int(state.get("mergedDataSize", 0))
             last_save = time.monotonic()
-            for done, index in enumerate(todo, 1):
-                _merge_block(parent, children, index)
+            # Child reads run one thread ahead of the parent's writes (bounded: 2 blocks).
+            prepared = read_ahead(lambda index: _children_block(children, index), todo)
+            for done, (index, block) in enumerate(prepared, 1):
+                _merge_block(parent, block, index)
                 merged_bytes += parent.block_size
                 if progress is not None:
                     progress(done, len(todo))
@@ -249,9 +251,23 @@ def _check_links(parent: VhdDisk, children: Sequence[VhdDisk]) -> None:
         above = child
 
 
-def _merge_block(parent: VhdFile, children: Sequence[VhdDisk], index: int) -> None:
-    """Write into ``parent`` block ``index`` as the newest child sees it."""
-    block_size = parent.block_size
+@dataclass(frozen=True)
+class _ChildrenBlock:
+    """Block ``index`` as the children alone see it; ``covered`` marks the sectors they set."""
+
+    bitmap: bytes
+    data: bytes | bytearray | memoryview
+    covered: bytes | None
+    """None when the newest child's bitmap is full: the block is a plain copy."""
+
+
+def _children_block(children: Sequence[VhdDisk], index: int) -> _ChildrenBlock:
+    """Compose block ``index`` from the children, newest sector first.
+
+    Runs in the read-ahead thread, which is the only one reading the children (some remotes
+    refuse two concurrent opens of one file).
+    """
+    block_size = children[0].block_size
     sectors = block_size // SECTOR_SIZE
     full = (1 << sectors) - 1
     covered = 0
@@ -262,23 +278,33 @@ def _merge_block(parent: VhdFile, children: Sequence[VhdDisk], index: int) -> No
         if block is None:
             continue
         if result is None and bitmap_is_full(block.bitmap, block_size):
-            parent.write_block(index, block.bitmap, block.data)
-            return
+            return _ChildrenBlock(block.bitmap, block.data, None)
         if result is None:
-            # Start from the parent's own data: sectors no child sets keep their value.
-            base = parent.read_block(index)
-            result = bytearray(base.data) if base is not None else bytearray(block_size)
-            bitmap = base.bitmap if base is not None else bytes(_bitmap_size(parent))
-        bits = int.from_bytes(block.bitmap[: sectors // 8], "big")
-        wanted = bits & ~covered & full
+            result = bytearray(block_size)
+        wanted = int.from_bytes(block.bitmap[: sectors // 8], "big") & ~covered & full
         if wanted:
             for first, count in bitmap_runs(wanted.to_bytes(sectors // 8, "big"), block_size):
                 start, end = first * SECTOR_SIZE, (first + count) * SECTOR_SIZE
                 result[start:end] = block.data[start:end]
             covered |= wanted
         bitmap = bitmap_or(bitmap, block.bitmap)
-    if result is not None:
-        parent.write_block(index, bitmap, result)
+    assert result is not None  # only blocks allocated in some child are merged
+    return _ChildrenBlock(bitmap, result, covered.to_bytes(sectors // 8, "big"))
+
+
+def _merge_block(parent: VhdFile, block: _ChildrenBlock, index: int) -> None:
+    """Write the children's view of block ``index`` over the parent's own data."""
+    if block.covered is None:
+        parent.write_block(index, block.bitmap, block.data)
+        return
+    # Sectors no child sets keep the parent's value.
+    base = parent.read_block(index)
+    data = bytearray(base.data) if base is not None else bytearray(parent.block_size)
+    for first, count in bitmap_runs(block.covered, parent.block_size):
+        start, end = first * SECTOR_SIZE, (first + count) * SECTOR_SIZE
+        data[start:end] = block.data[start:end]
+    bitmap = bitmap_or(base.bitmap, block.bitmap) if base is not None else block.bitmap
+    parent.write_block(index, bitmap.ljust(_bitmap_size(parent), b"\x00"), data)
 
 
 def _bitmap_size(disk: VhdDisk) -> int:

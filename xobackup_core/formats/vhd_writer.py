@@ -20,6 +20,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from xobackup_core.formats.source import read_ahead
 from xobackup_core.formats.vhd_structs import (
     DEFAULT_BLOCK_SIZE,
     DISK_TYPE_DIFFERENCING,
@@ -208,13 +209,16 @@ def sparse_file_blocks(fd: int, size: int, block_size: int = DEFAULT_BLOCK_SIZE)
 def read_file_blocks(
     fd: int, indexes: Iterable[int], size: int, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> Iterator[tuple[int, bytes]]:
-    """(index, data) of each listed block of a raw image, read with ``pread``."""
+    """(index, data) of each listed block of a raw image, read ahead with ``pread``."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    for index in indexes:
+
+    def read(index: int) -> bytes:
         start = index * block_size
         length = min(block_size, size - start)
         data = os.pread(fd, length, start)
         if len(data) < length:
             data += bytes(length - len(data))
-        yield index, data
+        return data
+
+    return read_ahead(read, indexes)
