@@ -15,7 +15,6 @@ import hashlib
 import os
 import random
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 BLOCK_SIZE = 2 * 1024 * 1024
@@ -155,13 +154,6 @@ class VdiData:
             out += block[within : within + take] if block else bytes(take)
             offset += take
         return bytes(out)
-
-    def iter_raw(self) -> Iterator[bytes]:
-        """The whole disk, block by block (the last one cut at the virtual size)."""
-        for index in range(self.block_count):
-            block = self.read_block(index) or ZERO_BLOCK
-            tail = self.size - index * BLOCK_SIZE
-            yield block if tail >= BLOCK_SIZE else block[:tail]
 
     def resize(self, size: int) -> None:
         """Grow or shrink the virtual size (blocks past the end are dropped)."""

@@ -75,10 +75,12 @@ class RequestHandler(BaseHTTPRequestHandler):
     server: HostListener
 
     def log_message(self, format: str, *args: Any) -> None:
+        """Requests go to the debug log, not stderr."""
         log.debug("%s %s", self.address_string(), format % args)
 
     @property
     def xapi(self) -> PoolXapi:
+        """The pool this host belongs to."""
         return self.server.xapi
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -130,6 +132,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         return self.rfile.read(length)
 
     def do_POST(self) -> None:
+        """RPC (XML or JSON) or the simulator's control endpoint."""
         path = urlsplit(self.path).path
         body = self._read_body()
         if body is None:
@@ -194,6 +197,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.reply(200, "application/json", json_dumps(reply))
 
     def do_OPTIONS(self) -> None:
+        """CORS preflight, as XAPI answers it."""
         self.send_response(200)
         self.send_header("Access-Control-Allow-Origin", "*")
         self.send_header("Access-Control-Allow-Headers", "X-Requested-With, Content-Type")
@@ -202,6 +206,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     # -- streams -------------------------------------------------------------------------------
     def do_GET(self) -> None:
+        """Streaming downloads."""
         path = urlsplit(self.path).path
         handler = streams.DOWNLOADS.get(path)
         if handler is None:
@@ -210,6 +215,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         streams.run(self, path, handler)
 
     def do_PUT(self) -> None:
+        """Streaming uploads."""
         path = urlsplit(self.path).path
         handler = streams.UPLOADS.get(path)
         if handler is None:

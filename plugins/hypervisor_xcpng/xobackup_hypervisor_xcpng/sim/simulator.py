@@ -115,6 +115,7 @@ class SimPool:
 
     @property
     def uuid(self) -> str:
+        """The pool's uuid."""
         return self.xapi.db.record("pool", self.xapi.pool_ref)["uuid"]
 
 

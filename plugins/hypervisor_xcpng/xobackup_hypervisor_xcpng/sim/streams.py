@@ -241,6 +241,7 @@ class StreamRequest:
 
     # -- uploads -------------------------------------------------------------------------------
     def body_length(self) -> int | None:
+        """The upload's Content-Length, None when absent."""
         value = self.handler.headers.get("Content-Length")
         return int(value) if value is not None and value.strip().isdigit() else None
 

@@ -70,17 +70,21 @@ class Records:
     refs: list[str] | None = None
 
     def to_python(self) -> dict[str, Any]:
+        """Copies of the records, for JSON-RPC."""
         with self.db.lock:
             table = self.db.tables[self.cls]
             refs = list(table) if self.refs is None else self.refs
             return {ref: _copy_record(table[ref]) for ref in refs}
 
     def to_xml(self) -> str:
+        """The encoded XML-RPC struct."""
         return self.db.encoded_records(self.cls, self.refs)
 
 
 @dataclass
 class Method:
+    """One API method: its handler, how many arguments it takes after the session."""
+
     func: Callable[..., Any]
     min_args: int
     max_args: int
@@ -132,13 +136,16 @@ class PoolXapi:
     # -- helpers -------------------------------------------------------------------------------
     @property
     def pool_ref(self) -> str:
+        """The ref of the pool object (there is exactly one)."""
         return next(iter(self.db.tables["pool"]))
 
     @property
     def master(self) -> str:
+        """The master host's ref."""
         return self.db.record("pool", self.pool_ref)["master"]
 
     def rec(self, cls: str, ref: str) -> dict[str, Any]:
+        """A live record (HANDLE_INVALID when absent)."""
         return self.db.record(cls, ref)
 
     def _check_ref(self, cls: str, ref: str) -> dict[str, Any]:
