@@ -98,10 +98,21 @@ def _schema_v1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
-SCHEMA_VERSION = 1
+def _schema_v2(db: sqlite3.Connection) -> None:
+    """Cancel requests (``xobackup cancel``), polled by the running engine."""
+    db.execute(
+        """CREATE TABLE cancel_requests (
+            run_id TEXT PRIMARY KEY REFERENCES runs (run_id) ON DELETE CASCADE,
+            requested_at INTEGER NOT NULL,
+            requested_by TEXT
+        )"""
+    )
+
+
+SCHEMA_VERSION = 2
 """The schema this code writes (SQLite ``PRAGMA user_version``)."""
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _schema_v1}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _schema_v1, 2: _schema_v2}
 """Version ``n`` → the function that turns a version ``n - 1`` database into version ``n``.
 Each runs inside the opening transaction; add one per schema change, never edit an old one."""
 
