@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import math
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +54,8 @@ MAX_PART_SIZE = 5 * 1024 * MiB
 MAX_PARTS = 10_000
 PARTS_PER_SIZE_STEP = 1_000
 """Without a size hint the part size doubles every this many parts."""
+MEMORY_PART_LIMIT = 16 * MiB
+"""Larger parts are spooled to a temporary file instead of memory."""
 COPY_LIMIT = 5 * 1024 * MiB
 """CopyObject's limit: larger objects are copied part by part."""
 DELETE_BATCH = 1_000
@@ -70,7 +73,7 @@ _OPTIONS = {
     "timeout": "seconds a request may wait for data; default 600",
     "retries": "attempts after a transient failure (5xx, SlowDown, reset); default 5",
     "part_size": "first multipart part size in bytes (>= 5 MiB); default 5 MiB",
-    "upload_concurrency": "parts of one file uploaded in parallel; default 4",
+    "upload_concurrency": "parts of one file uploaded in parallel; default 8",
     "checksums": "'when_supported' (default) or 'when_required' for older S3-compatible servers",
     "verify_tls": "check the server's TLS certificate; default true (or a CA bundle path)",
     "purge_versions": "delete every version of a file (versioned buckets), not just hide it",
@@ -109,7 +112,7 @@ class S3Settings:
     timeout: float = 600.0
     retries: int = 5
     part_size: int = MIN_PART_SIZE
-    upload_concurrency: int = 4
+    upload_concurrency: int = 8
     checksums: str = "when_supported"
     verify_tls: bool | str = True
     purge_versions: bool = False
@@ -146,7 +149,12 @@ class _RangeError(RemoteError):
 
 
 class _S3Writer(RemoteWriter):
-    """Buffers one part at a time and uploads parts in parallel; commit completes the upload."""
+    """Fills one part at a time and uploads parts in parallel; commit completes the upload.
+
+    Parts up to :data:`MEMORY_PART_LIMIT` are held in memory, larger ones (streams past
+    tens of GiB) are spooled to a temporary file, so memory stays under
+    ``(upload_concurrency + 1) x 16 MiB`` whatever the stream's size.
+    """
 
     def __init__(self, remote: S3Remote, path: str, size_hint: int | None) -> None:
         super().__init__()
@@ -155,19 +163,41 @@ class _S3Writer(RemoteWriter):
         self._key = remote._key(path)
         self._first_part = first_part_size(size_hint, remote.settings.part_size)
         self._part_size = self._first_part
-        self._buffer = bytearray()
         self._part_number = 0
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
         self._slots = threading.Semaphore(remote.settings.upload_concurrency)
         self._pool: ThreadPoolExecutor | None = None
+        self._new_buffer()
+
+    def _new_buffer(self) -> None:
+        self._filled = 0
+        self._buffer = bytearray()
+        self._spool: BinaryIO | None = None
+        if self._part_size > MEMORY_PART_LIMIT:
+            self._spool = tempfile.TemporaryFile(prefix="xobackup-s3-part-")
+
+    def _take_body(self) -> bytes | BinaryIO:
+        """The filled part as a request body, and a fresh buffer for the next one."""
+        body: bytes | BinaryIO
+        if self._spool is not None:
+            self._spool.seek(0)
+            body = self._spool
+        else:
+            body = bytes(self._buffer)
+        self._new_buffer()
+        return body
 
     def _write(self, data: memoryview) -> None:
         while data:
-            take = self._part_size - len(self._buffer)
-            self._buffer += data[:take]
-            data = data[take:]
-            if len(self._buffer) >= self._part_size:
+            piece = data[: self._part_size - self._filled]
+            if self._spool is not None:
+                self._spool.write(piece)
+            else:
+                self._buffer += piece
+            self._filled += len(piece)
+            data = data[len(piece) :]
+            if self._filled >= self._part_size:
                 self._send_part()
 
     def _raise_failed_part(self) -> None:
@@ -196,18 +226,22 @@ class _S3Writer(RemoteWriter):
                 operation="write",
                 path=self._path,
             )
-        body = bytes(self._buffer)
-        self._buffer = bytearray()
         self._part_size = max(
             self._first_part, part_size_for(self._part_number + 1, self._remote.settings.part_size)
         )
-        # The semaphore bounds the parts held in memory: at most upload_concurrency + 1.
+        body = self._take_body()
+        # The semaphore bounds the parts in flight: at most upload_concurrency (+ the one
+        # being filled).
         self._slots.acquire()
-        self._raise_failed_part()
+        try:
+            self._raise_failed_part()
+        except BaseException:
+            self._slots.release()
+            raise
         assert self._pool is not None
         self._parts.append(self._pool.submit(self._upload_part, self._part_number, body))
 
-    def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
+    def _upload_part(self, number: int, body: bytes | BinaryIO) -> dict[str, Any]:
         try:
             response = self._remote._call(
                 "write",
@@ -222,20 +256,25 @@ class _S3Writer(RemoteWriter):
             )
             return {"PartNumber": number, "ETag": response["ETag"]}
         finally:
+            if not isinstance(body, bytes):
+                body.close()
             self._slots.release()
 
     def _commit(self) -> None:
         settings = self._remote.settings
         if self._upload_id is None:
-            body = bytes(self._buffer)
-            self._buffer = bytearray()
-            self._remote._call(
-                "write",
-                self._path,
-                lambda c: c.put_object(Bucket=settings.bucket, Key=self._key, Body=body),
-            )
+            body = self._take_body()
+            try:
+                self._remote._call(
+                    "write",
+                    self._path,
+                    lambda c: c.put_object(Bucket=settings.bucket, Key=self._key, Body=body),
+                )
+            finally:
+                if not isinstance(body, bytes):
+                    body.close()
             return
-        if self._buffer:
+        if self._filled:
             self._send_part()
         parts = [future.result() for future in self._parts]
         self._shutdown()
@@ -256,6 +295,8 @@ class _S3Writer(RemoteWriter):
             self._pool = None
 
     def _abort(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
         self._buffer = bytearray()
         self._shutdown()
         if self._upload_id is None:
@@ -339,7 +380,7 @@ class S3Remote(Remote):
     (path-style). Credentials: ``access_key`` and ``secret_key`` (secret) options, the
     ``ak:sk@`` user-info of the URL, or the environment / AWS config files.
     Other options: ``region``, ``path_style``, ``connect_timeout`` (30 s), ``timeout`` (600 s),
-    ``retries`` (5), ``part_size`` (5 MiB), ``upload_concurrency`` (4), ``checksums``,
+    ``retries`` (5), ``part_size`` (5 MiB), ``upload_concurrency`` (8), ``checksums``,
     ``verify_tls``, ``purge_versions``.
     """
 
@@ -461,7 +502,7 @@ class S3Remote(Remote):
                 timeout=parse_duration(options.get("timeout", 600)),
                 retries=int(options.get("retries", 5)),
                 part_size=int(options.get("part_size", MIN_PART_SIZE)),
-                upload_concurrency=max(1, int(options.get("upload_concurrency", 4))),
+                upload_concurrency=max(1, int(options.get("upload_concurrency", 8))),
                 checksums=str(options.get("checksums", "when_supported")),
                 verify_tls=options.get("verify_tls", True),
                 purge_versions=bool(options.get("purge_versions", False)),

@@ -619,10 +619,30 @@ class _SftpFile(RemoteFile):
                 session.close()
 
 
+def _query_options(url: str, name: str) -> dict[str, str]:
+    """Options given in the URL's query (``?host_key_fingerprint=SHA256:...&key_file=...``).
+
+    Values are percent-decoded but ``+`` stays ``+`` (fingerprints are base64). Secrets are
+    refused here: a URL ends up in logs and shell history.
+    """
+    query = urlsplit(url).query
+    found: dict[str, str] = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        key = unquote(key)
+        if key in ("password", "key_passphrase"):
+            raise RemoteConfigError(
+                f"{key} cannot be given in the URL; put it in the remote's config", remote=name
+            )
+        found[key] = unquote(value)
+    return found
+
+
 class SftpRemote(Remote):
     """A folder on an SSH server, reached over SFTP.
 
-    URL: ``sftp://user@host[:port]/absolute/path`` (the folder is created if missing).
+    URL: ``sftp://user@host[:port]/absolute/path`` (the folder is created if missing);
+    options other than secrets may also be given in its query string.
     Options: ``username``, ``password`` (secret), ``key_file``, ``key_passphrase`` (secret),
     ``host_key_fingerprint`` (``SHA256:...`` as ``ssh-keygen -lf`` prints it, or a list),
     ``known_hosts`` (default ``~/.ssh/known_hosts``), ``connect_timeout`` (30 s), ``timeout``
@@ -680,6 +700,7 @@ class SftpRemote(Remote):
     def from_url(cls, url: str, options: Mapping[str, Any]) -> SftpRemote:
         """Parse ``sftp://user@host[:port]/path`` and the remote's options."""
         name = str(options.get("name") or redact_url(url))
+        options = {**_query_options(url, name), **options}
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
             raise RemoteConfigError(

@@ -222,3 +222,26 @@ def test_server_stopped_mid_upload_never_publishes(tmp_path):
         remote.close()
     finally:
         server.stop()
+
+
+def test_size_hint_and_spooled_parts(moto_server):
+    from tests.servers.s3 import client
+
+    bucket = make_bucket(moto_server)
+    s3 = client(moto_server)
+    hinted = pattern(15 * MiB, seed=3)
+    spooled = pattern(41 * MiB, seed=4)
+    with open_remote(moto_server, bucket, part_size=20 * MiB) as remote:
+        with remote.open_write("/spooled.bin") as writer:  # 20 MiB parts go through temp files
+            for offset in range(0, len(spooled), 3 * MiB):
+                writer.write(spooled[offset : offset + 3 * MiB])
+    with open_remote(moto_server, bucket) as remote:
+        # 60 GiB in at most 10,000 parts: 7 MiB parts from the start.
+        with remote.open_write("/hinted.bin", size_hint=60 * 2**30) as writer:
+            writer.write(hinted)
+    head = s3.head_object(Bucket=bucket, Key="backups/spooled.bin", PartNumber=1)
+    assert head["PartsCount"] == 3 and head["ContentLength"] == 20 * MiB
+    assert s3.get_object(Bucket=bucket, Key="backups/spooled.bin")["Body"].read() == spooled
+    head = s3.head_object(Bucket=bucket, Key="backups/hinted.bin", PartNumber=1)
+    assert head["PartsCount"] == 3 and head["ContentLength"] == 7 * MiB
+    assert s3.get_object(Bucket=bucket, Key="backups/hinted.bin")["Body"].read() == hinted

@@ -188,3 +188,23 @@ options = {{ host_key_fingerprint = "{sftp_server.host_key_fingerprint}" }}
     assert result.exit_code == 0, result.output
     assert "OK" in result.output and sftp_server.password not in result.output
     assert os.listdir(sftp_server.data_dir / "cli") == []
+
+
+def test_cli_remote_test_with_options_in_the_url(sftp_server):
+    fingerprint = sftp_server.host_key_fingerprint
+    url = (
+        f"{sftp_server.url('cli-url')}?host_key_fingerprint={fingerprint}"
+        f"&key_file={sftp_server.client_key}&timeout=30s"
+    )
+    result = CliRunner().invoke(cli, ["remote", "test", "--size", "3", url])
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output
+    assert os.listdir(sftp_server.data_dir / "cli-url") == []
+
+
+def test_secrets_are_refused_in_the_url_query(sftp_server):
+    from xobackup_remote_sftp import SftpRemote
+
+    with pytest.raises(RemoteConfigError) as caught:
+        SftpRemote.from_url(f"{sftp_server.url('q')}?password=Hunter2-secret", {"name": "q"})
+    assert "password" in str(caught.value) and "Hunter2-secret" not in str(caught.value)
