@@ -164,7 +164,7 @@ def _settle_create(remote: Remote, path: str, data: bytes, token: str) -> bool:
 def create_exclusive(remote: Remote, path: str, data: bytes, token: str) -> bool:
     """Create ``path`` with ``data`` if nothing is there; False if something is."""
     method: Callable[[str, bytes], object] | None = getattr(remote, "create_exclusive", None)
-    if method is not None:
+    if callable(method):
         try:
             method(path, data)
         except RemoteExistsError:
@@ -177,7 +177,7 @@ def create_exclusive(remote: Remote, path: str, data: bytes, token: str) -> bool
 
 def lock_guarantee(remote: Remote) -> str:
     """``exclusive`` when taking a lock on ``remote`` is atomic, else ``best-effort``."""
-    if hasattr(remote, "create_exclusive") or hasattr(remote, "real_path"):
+    if callable(getattr(remote, "create_exclusive", None)) or hasattr(remote, "real_path"):
         return "exclusive"
     return "best-effort"
 
