@@ -303,3 +303,60 @@ def test_cancelling_the_task_stops_the_download(xapi_sim):
     assert status == 200 and 0 < len(body) < size
     assert api.task.get_status(task) == "cancelled"
     assert api.task.get_error_info(task) == ["TASK_CANCELLED", task]
+
+
+def test_leaked_dom0_vbd_blocks_destroy_until_unplugged(xapi_sim):
+    session = login(xapi_sim)
+    api = session.xenapi
+    snapshot = api.VM.snapshot(guest(session), "leaky")
+    vdi = disk_of(session, snapshot)
+    xapi_sim.arm("/export_raw_vdi", "leak_vbd")
+    task = api.task.create("export", "")
+    status, body = download(
+        xapi_sim.pool(0).url,
+        "/export_raw_vdi",
+        {"session_id": session._session, "vdi": vdi, "task_id": task},
+    )
+    assert status == 200 and body == b""
+    assert wait_task(session, task)["error_info"][0] == "VDI_IO_ERROR"
+    api.VM.destroy(snapshot)
+    with pytest.raises(XenAPI.Failure) as caught:
+        api.VDI.destroy(vdi)
+    assert caught.value.details == ["VDI_IN_USE", vdi, "destroy"]
+    leaked = [b for b in api.VDI.get_VBDs(vdi) if api.VM.get_is_control_domain(api.VBD.get_VM(b))]
+    assert len(leaked) == 1 and api.VBD.get_currently_attached(leaked[0])
+    api.VBD.unplug(leaked[0])
+    api.VBD.destroy(leaked[0])
+    api.VDI.destroy(vdi)
+
+
+def test_restart_renumbers_refs_and_drops_sessions(xapi_sim):
+    session = login(xapi_sim)
+    api = session.xenapi
+    pool_before = api.pool.get_all()[0]
+    vm = guest(session)
+    uuid = api.VM.get_uuid(vm)
+    xapi_sim.restart_xapi()
+    # the SDK logs in again on SESSION_INVALID; every ref is new, uuids are not
+    assert api.pool.get_all()[0] != pool_before
+    assert api.VM.get_by_uuid(uuid) != vm
+    with pytest.raises(XenAPI.Failure) as caught:
+        api.VM.get_record(vm)
+    assert caught.value.details == ["HANDLE_INVALID", "VM", vm]
+    member = XenAPI.Session(xapi_sim.pool(0).member_urls[0])
+    with pytest.raises(XenAPI.Failure) as caught:
+        member.xenapi.login_with_password("root", xapi_sim.password)
+    assert caught.value.details == ["HOST_IS_SLAVE", "127.0.0.1"]
+
+
+def test_slow_snapshot_task_reports_progress(xapi_sim):
+    session = login(xapi_sim)
+    api = session.xenapi
+    xapi_sim.arm("VM.snapshot", "delay", seconds=1.0)
+    task = api.Async.VM.snapshot(guest(session), "slow")
+    seen = set()
+    while api.task.get_status(task) == "pending":
+        seen.add(float(api.task.get_progress(task)))
+        time.sleep(0.05)
+    assert any(0 < p < 1 for p in seen)
+    assert float(api.task.get_progress(task)) == 1.0

@@ -26,6 +26,7 @@ KINDS = (
     "truncate",  # HTTP streams: stop after ``after_bytes`` bytes but mark the task success
     "task_failure",  # HTTP streams: send everything, then fail the task (VDI_IO_ERROR)
     "corrupt",  # HTTP downloads: flip the byte at offset ``after_bytes`` (checksums, footers)
+    "leak_vbd",  # /export_raw_vdi: fail after the header, leaving dom0's VBD plugged on the VDI
 )
 
 

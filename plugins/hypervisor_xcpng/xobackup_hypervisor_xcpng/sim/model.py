@@ -626,6 +626,18 @@ class Database:
             self._xml_cache.pop(ref, None)
             self._event(cls, "del", ref)
 
+    def rebuild_index(self, cls: str) -> None:
+        """Recompute the uuid index of a class after its table was replaced."""
+        with self.lock:
+            self._by_uuid[cls] = {record["uuid"]: ref for ref, record in self.tables[cls].items()}
+
+    def forget_history(self) -> None:
+        """Drop cached encodings and the event log (a restarted XAPI has neither)."""
+        with self.lock:
+            self._xml_cache.clear()
+            self.events.clear()
+            self.changed.notify_all()
+
     def by_uuid(self, cls: str, uuid: str) -> str:
         """The ref of the object with this uuid; UUID_INVALID if unknown."""
         ref = self._by_uuid[cls].get(uuid)

@@ -475,9 +475,12 @@ class Simulator:
         raise KeyError(f"no host {host!r}")
 
     def restart_xapi(self, pool: int | None = None) -> None:
-        """Forget every session, as a restarted XAPI does (``SESSION_INVALID`` next)."""
+        """Restart XAPI: sessions (``SESSION_INVALID`` next) and tasks are gone, every ref
+        (the pool's too) is renumbered; uuids and content stay."""
         for p in self.pools if pool is None else [self.pools[pool]]:
-            p.xapi.sessions.clear()
+            mapping = p.xapi.restart()
+            for listener in p.listeners:
+                listener.host_ref = mapping[listener.host_ref]
 
     def vms(self, pool: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
         """(ref, record) of the guest VMs of a pool (no templates, snapshots, dom0)."""

@@ -439,6 +439,8 @@ def export_raw_vdi(request: StreamRequest) -> None:
         request.start("HTTP/1.1", content_type, f"{record['uuid']}.{fmt}")
         if request.fault("embedded500") is not None:
             _embedded_500(request, vdi)
+        if request.fault("leak_vbd") is not None:
+            _leak_vbd(request, vdi)
         if fmt == "raw":
             count = data.block_count
             for index in range(count):
@@ -465,6 +467,28 @@ def _embedded_500(request: StreamRequest, vdi: str) -> None:
     request.send(body)
     request.handler.drop()
     raise StreamAborted(error)
+
+
+def _leak_vbd(request: StreamRequest, vdi: str) -> None:
+    """A failed export that leaves the control domain's VBD on the VDI (``VDI_IN_USE`` next)."""
+    xapi = request.xapi
+    dom0 = xapi.db.record("host", request.handler.server.host_ref)["control_domain"]
+    used = {xapi.db.record("VBD", b)["userdevice"] for b in xapi.db.record("VM", dom0)["VBDs"]}
+    userdevice = str(next(i for i in range(1, 256) if str(i) not in used))
+    xapi._create_vbd(
+        {
+            "VM": dom0,
+            "VDI": vdi,
+            "mode": "RO",
+            "type": "Disk",
+            "userdevice": userdevice,
+            "device": f"xvd{chr(ord('a') + int(userdevice) % 26)}",
+            "currently_attached": True,
+            "other_config": {"task_id": request.task},
+        }
+    )
+    request.handler.drop()
+    raise StreamAborted(XapiError("VDI_IO_ERROR", "Device I/O errors"))
 
 
 def _send_vhd(

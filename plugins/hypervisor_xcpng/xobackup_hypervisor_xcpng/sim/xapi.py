@@ -35,6 +35,7 @@ from xobackup_hypervisor_xcpng.sim.model import (
     coerce,
     is_named,
     lower_class,
+    new_ref,
 )
 from xobackup_hypervisor_xcpng.sim.where import compile_filter
 
@@ -165,11 +166,11 @@ class PoolXapi:
         if entry is None or (is_async and not entry.asyncable):
             raise XapiError("MESSAGE_METHOD_UNKNOWN", method)
         if is_async:
-            self._apply_faults(method, in_task=False)
+            self._apply_faults(method, task=None)
             self._check_args(method, entry, params)
             session = self._session(params[0])
             return self._start_task(method, base, entry, params, session)
-        return self._invoke(base, entry, params, in_task=False)
+        return self._invoke(base, entry, params, task=None)
 
     def _check_args(self, method: str, entry: Method, params: list[Any]) -> None:
         given = len(params) - (1 if entry.session else 0)
@@ -184,9 +185,16 @@ class PoolXapi:
         session["last_active"] = time.time()
         return ref
 
-    def _apply_faults(self, method: str, *, in_task: bool) -> None:
+    def _apply_faults(self, method: str, *, task: str | None) -> None:
+        """Apply the faults armed on ``method``; ``task`` is set when it runs in a task."""
+        in_task = task is not None
         for fault in self.sim.faults.match(self.index, (method,)):
-            if fault.kind == "delay":
+            if fault.kind == "delay" and task is not None:
+                # a slow operation: the task's progress moves in steps meanwhile
+                for step in range(1, 11):
+                    time.sleep(fault.seconds / 10)
+                    self.set_progress(task, step / 11)
+            elif fault.kind == "delay":
                 time.sleep(fault.seconds)
             elif fault.kind == "hang":
                 fault.wait(self.sim.stopping)
@@ -201,19 +209,58 @@ class PoolXapi:
                     raise XapiError("INTERNAL_ERROR", "internal server error")
                 raise Http500(fault.code)
 
-    def _invoke(self, method: str, entry: Method, params: list[Any], *, in_task: bool) -> Any:
+    def _invoke(self, method: str, entry: Method, params: list[Any], *, task: str | None) -> Any:
         if method in _SNAPSHOT_METHODS:
             with self.in_flight.track("snapshot"):
-                return self._run(method, entry, params, in_task=in_task)
-        return self._run(method, entry, params, in_task=in_task)
+                return self._run(method, entry, params, task=task)
+        return self._run(method, entry, params, task=task)
 
-    def _run(self, method: str, entry: Method, params: list[Any], *, in_task: bool) -> Any:
-        self._apply_faults(method, in_task=in_task)
+    def _run(self, method: str, entry: Method, params: list[Any], *, task: str | None) -> Any:
+        self._apply_faults(method, task=task)
         self._check_args(method, entry, params)
         if not entry.session:
             return entry.func(*params)
         session = self._session(params[0])
         return entry.func(session, *params[1:])
+
+    def restart(self) -> dict[str, str]:
+        """What a XAPI restart does to clients: sessions and tasks are gone, every ref changes.
+
+        Returns the mapping old ref -> new ref (listeners must follow their host's).
+        """
+        db = self.db
+        with db.lock:
+            self.sessions.clear()
+            db.tables["task"].clear()
+            self._task_done.clear()
+            mapping = {ref: new_ref() for table in db.tables.values() for ref in table}
+
+            def remap(value: Any) -> Any:
+                kind = type(value)
+                if kind is str:
+                    return mapping.get(value, value)
+                if kind is list:
+                    return [mapping.get(v, v) if type(v) is str else v for v in value]
+                if kind is dict:
+                    return {
+                        mapping.get(k, k): mapping.get(v, v) if type(v) is str else v
+                        for k, v in value.items()
+                    }
+                return value
+
+            for cls, table in db.tables.items():
+                renumbered = {
+                    mapping[ref]: {k: remap(v) for k, v in record.items()}
+                    for ref, record in table.items()
+                }
+                # in place: the generated getters hold on to the table objects
+                table.clear()
+                table.update(renumbered)
+                db.rebuild_index(cls)
+            self.disks = {mapping.get(ref, ref): data for ref, data in self.disks.items()}
+            self.host_ports = {mapping[ref]: where for ref, where in self.host_ports.items()}
+            db.forget_history()
+        return mapping
 
     # -- tasks ---------------------------------------------------------------------------------
     def new_task(self, label: str, description: str = "", **fields: Any) -> str:
@@ -289,7 +336,7 @@ class PoolXapi:
 
         def work() -> None:
             try:
-                result = self._invoke(base, entry, params, in_task=True)
+                result = self._invoke(base, entry, params, task=task)
             except XapiError as error:
                 self.finish_task(task, error=error)
             except Exception as error:  # a simulator bug must still settle the task
@@ -948,6 +995,28 @@ class PoolXapi:
         self.db.remove_from_set("VM", record["VM"], "VBDs", vbd)
         self.db.remove_from_set("VDI", record["VDI"], "VBDs", vbd)
         self.db.delete("VBD", vbd)
+
+    @_api("VBD.plug")
+    def vbd_plug(self, session: str, vbd: str) -> str:
+        record = self._check_ref("VBD", vbd)
+        if record["currently_attached"]:
+            raise XapiError("DEVICE_ALREADY_ATTACHED", vbd)
+        self._power_check(record["VM"], ("Running",))
+        self.db.update("VBD", vbd, currently_attached=True)
+        return ""
+
+    @_api("VBD.unplug")
+    def vbd_unplug(self, session: str, vbd: str) -> str:
+        if not self._check_ref("VBD", vbd)["currently_attached"]:
+            raise XapiError("DEVICE_ALREADY_DETACHED", vbd)
+        self.db.update("VBD", vbd, currently_attached=False)
+        return ""
+
+    @_api("VBD.unplug_force")
+    def vbd_unplug_force(self, session: str, vbd: str) -> str:
+        self._check_ref("VBD", vbd)
+        self.db.update("VBD", vbd, currently_attached=False)
+        return ""
 
     @_api("VBD.destroy")
     def vbd_destroy(self, session: str, vbd: str) -> str:
