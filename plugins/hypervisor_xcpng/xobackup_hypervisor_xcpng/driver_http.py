@@ -95,10 +95,17 @@ class VhdCheck(PayloadCheck):
         self._tail = b""
         self.expected: int | None = None
         self._error: str | None = None
+        self._need = FOOTER_SIZE
 
     def feed(self, data: memoryview) -> None:
-        if self.expected is None and self._error is None:
-            self._head += data
+        used = 0
+        # keep only the stream's prefix that the headers and the BAT need (not whole reads)
+        while self.expected is None and self._error is None and used < len(data):
+            take = min(len(data) - used, max(0, self._need - len(self._head)))
+            if take == 0:
+                break
+            self._head += data[used : used + take]
+            used += take
             self._parse()
         self.total += len(data)
         if len(data) >= FOOTER_SIZE:
@@ -110,6 +117,7 @@ class VhdCheck(PayloadCheck):
         head = bytes(self._head)
         try:
             if len(head) < FOOTER_SIZE:
+                self._need = FOOTER_SIZE
                 return
             footer = parse_footer(head[:FOOTER_SIZE], path="VHD stream")
             if footer.disk_type == 2:  # fixed: data then footer
@@ -121,6 +129,7 @@ class VhdCheck(PayloadCheck):
                 self._error = f"dynamic header at {start} is too far in the stream"
                 return
             if len(head) < start + HEADER_SIZE:
+                self._need = start + HEADER_SIZE
                 return
             header = parse_header(head[start : start + HEADER_SIZE], path="VHD stream")
             entries = header.max_table_entries
@@ -129,6 +138,7 @@ class VhdCheck(PayloadCheck):
                 self._error = f"BAT ending at {bat_end} is too far in the stream"
                 return
             if len(head) < bat_end:
+                self._need = bat_end
                 return
             bat = parse_bat(head[header.table_offset : bat_end], entries, path="VHD stream")
         except FormatError as error:
@@ -371,6 +381,31 @@ class XapiDownload(io.RawIOBase):
         self.check.feed(view[:count])
         self.bytes_read += count
         return count
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (one allocation, straight from the socket); b"" at the end."""
+        if size is None or size < 0:
+            return self.readall()
+        if self._error is not None:
+            raise self._error
+        if self._settled or self._response is None or size == 0:
+            return b""
+        head = b""
+        if self._pending:
+            head, self._pending = self._pending[:size], self._pending[size:]
+        data = b""
+        if len(head) < size:
+            try:
+                data = self._response.read(size - len(head))
+            except (OSError, http.client.HTTPException) as error:
+                self._fail(error)
+            if not data and not head:
+                self._finish()
+                return b""
+        data = head + data if head else data
+        self.check.feed(memoryview(data))
+        self.bytes_read += len(data)
+        return data
 
     def _fail(self, error: BaseException) -> None:
         reason = describe_os_error(error, self.session.endpoint, self._read_timeout)

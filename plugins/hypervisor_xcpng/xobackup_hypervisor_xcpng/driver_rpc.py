@@ -144,17 +144,29 @@ class TlsPolicy:
     ) -> None:
         self.fingerprint = normalize_fingerprint(fingerprint) if fingerprint else None
         self.allow_unauthorized = allow_unauthorized
-        if self.fingerprint or allow_unauthorized:
+        self.ca_file = ca_file
+        if ca_file is not None and not self.fingerprint and not allow_unauthorized:
+            self._load()  # a wrong ca_file is a configuration error: say so at once
+        self._context: ssl.SSLContext | None = None
+
+    def _load(self) -> ssl.SSLContext:
+        if self.fingerprint or self.allow_unauthorized:
             # the pin replaces the CA check; XAPI hosts normally present self-signed certs
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-        else:
-            try:
-                context = ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as error:
-                raise HypervisorError(f"cannot load ca_file {ca_file!r}: {error}") from None
-        self.context = context
+            return context
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as error:
+            raise HypervisorError(f"cannot load ca_file {self.ca_file!r}: {error}") from None
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The TLS context (made on first use: plain-HTTP pools never need one)."""
+        if self._context is None:
+            self._context = self._load()
+        return self._context
 
     def connection(self, endpoint: Endpoint, timeout: float) -> http.client.HTTPConnection:
         """A new (not yet connected) connection to ``endpoint``."""
@@ -252,6 +264,21 @@ def _dropped(conn: http.client.HTTPConnection) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
+
+
+def _quick_ack(conn: http.client.HTTPConnection) -> None:
+    """Acknowledge the reply's first segment at once (Linux ``TCP_QUICKACK``).
+
+    A server that writes a reply's header and body in two sends, with Nagle's algorithm on,
+    holds the body until the header is acknowledged; the client's delayed ACK then costs
+    ~40 ms per call. Quick ACKs remove that stall; elsewhere this is a no-op.
+    """
+    option = getattr(socket, "TCP_QUICKACK", None)
+    if option is not None and conn.sock is not None:
+        try:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+        except OSError:
+            pass
 
 
 def _json_default(value: Any) -> Any:
@@ -631,6 +658,7 @@ class XapiSession:
             payload = {"jsonrpc": "2.0", "method": method, "params": params, "id": self._rpc_id}
             body = json.dumps(payload, default=_json_default).encode()
             conn.request("POST", "/jsonrpc", body, {"Content-Type": "application/json"})
+        _quick_ack(conn)
         response = conn.getresponse()
         data = response.read(_MAX_RPC_REPLY)
         if response.will_close:
