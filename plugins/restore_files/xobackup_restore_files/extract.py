@@ -1,0 +1,359 @@
+"""Copy files out of a backup's filesystem: into a folder, or as a tar or zip stream.
+
+A backup's filesystem is untrusted input: it belongs to the VM, and a guest (or a damaged disk)
+can hold names such as ``..``, names with ``/`` in them, and symlinks pointing anywhere. Rules:
+
+* every name goes through :func:`safe_name`: ``.``/``..`` are skipped, ``/``, ``\\`` and NUL
+  become ``_``, so a name is always one path component;
+* into a folder, every component is opened relative to its parent's descriptor with
+  ``O_NOFOLLOW``, so an earlier symlink (from the backup or already in the folder) is never
+  followed to write elsewhere;
+* symlinks are restored as symlinks, their target text unchanged and never followed;
+* an existing file is left alone unless ``overwrite``; then it is replaced by rename (which
+  replaces a symlink, never what it points to).
+
+Archives stream one entry at a time in constant memory (tar through :mod:`tarfile` in stream
+mode, zip through :meth:`zipfile.ZipFile.open` in write mode), with the same names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+from xobackup_core.errors import UsageError
+from xobackup_restore_files.readers import DIRECTORY, FILE, SYMLINK, Node
+
+COPY_CHUNK = 1 << 20
+Warn = Callable[[str], None]
+
+
+def safe_name(name: str) -> str | None:
+    """``name`` as one harmless path component, or None when it must be skipped."""
+    cleaned = name.replace("\x00", "_").replace("/", "_").replace("\\", "_")
+    if cleaned in ("", ".", ".."):
+        return None
+    return cleaned
+
+
+def safe_relative_path(path: str) -> str | None:
+    """A relative archive member name from any path: absolute roots, ``.``, ``..`` and empty
+    segments are dropped. None when nothing is left."""
+    parts = [p.replace("\x00", "_") for p in path.replace("\\", "/").split("/")]
+    kept = [p for p in parts if p not in ("", ".", "..")]
+    return "/".join(kept) or None
+
+
+def _timestamp(node: Node) -> float | None:
+    if node.mtime is None:
+        return None
+    moment = node.mtime if node.mtime.tzinfo else node.mtime.replace(tzinfo=UTC)
+    try:
+        return moment.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def walk(
+    node: Node, name: str, warn: Warn, visiting: set[int] | None = None
+) -> Iterator[tuple[str, Node]]:
+    """``(relative path, node)`` for ``node`` (under ``name``) and, for a directory, everything
+    below it, parents first. Skipped names are reported through ``warn``."""
+    yield name, node
+    if node.kind != DIRECTORY:
+        return
+    for child in node.children():
+        child_name = safe_name(child.name)
+        if child_name is None:
+            warn(f"skipped an entry named {child.name!r} in {name}")
+            continue
+        yield from walk(child, f"{name}/{child_name}", warn)
+
+
+def _copy(source: BinaryIO, write: Callable[[bytes], object], size: int) -> int:
+    copied = 0
+    while True:
+        chunk = source.read(COPY_CHUNK)
+        if not chunk:
+            break
+        write(chunk)
+        copied += len(chunk)
+    if copied != size:
+        raise UsageError(f"read {copied} bytes where the filesystem says {size}")
+    return copied
+
+
+def top_entries(items: list[tuple[str, Node]], warn: Warn) -> Iterator[tuple[str, Node]]:
+    """``(name at the top of the target, node)`` for each asked path: its last component, or
+    for the root directory each of its entries (so ``/`` restores the whole filesystem)."""
+    for path, node in items:
+        base = [p for p in path.split("/") if p not in ("", ".")]
+        if not base and node.kind == DIRECTORY:
+            for child in node.children():
+                name = safe_name(child.name)
+                if name is None:
+                    warn(f"skipped an entry named {child.name!r} in /")
+                    continue
+                yield name, child
+            continue
+        name = safe_name(base[-1]) if base else None
+        yield name or safe_name(node.name) or "root", node
+
+
+def walk_all(items: list[tuple[str, Node]], warn: Warn) -> Iterator[tuple[str, Node]]:
+    """Every ``(relative path, node)`` to restore for the asked paths, parents first."""
+    for name, node in top_entries(items, warn):
+        yield from walk(node, name, warn)
+
+
+# -- into a folder -----------------------------------------------------------------------------
+class FolderWriter:
+    """Writes nodes under ``root`` without ever following a symlink."""
+
+    def __init__(self, root: str, *, overwrite: bool, warn: Warn) -> None:
+        os.makedirs(root, exist_ok=True)
+        self.root = os.path.realpath(root)
+        self.overwrite = overwrite
+        self.warn = warn
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        self.files = 0
+        self.bytes = 0
+
+    def close(self) -> None:
+        os.close(self._root_fd)
+
+    def _open_parent(self, relative: str) -> tuple[int, str]:
+        """A descriptor of the folder holding ``relative`` (created as needed) and its name."""
+        parts = relative.split("/")
+        fd = os.dup(self._root_fd)
+        try:
+            for part in parts[:-1]:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                try:
+                    child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as error:
+                    raise UsageError(
+                        f"cannot write {relative} under {self.root}: {part!r} is not a folder "
+                        f"there ({error.strerror}); a symlink is never followed"
+                    ) from None
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, parts[-1]
+
+    def _exists(self, name: str, fd: int) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _refuse(self, relative: str) -> None:
+        raise UsageError(
+            f"{os.path.join(self.root, relative)} already exists; pass --overwrite to replace it"
+        )
+
+    def write(self, relative: str, node: Node) -> None:
+        fd, name = self._open_parent(relative)
+        try:
+            existing = self._exists(name, fd)
+            if node.kind == DIRECTORY:
+                if existing is not None and stat.S_ISDIR(existing.st_mode):
+                    return
+                if existing is not None:
+                    if not self.overwrite:
+                        self._refuse(relative)
+                    os.unlink(name, dir_fd=fd)
+                os.mkdir(name, 0o755, dir_fd=fd)
+                return
+            if existing is not None:
+                if not self.overwrite:
+                    self._refuse(relative)
+                if stat.S_ISDIR(existing.st_mode):
+                    raise UsageError(
+                        f"{os.path.join(self.root, relative)} is a folder; not replaced by a file"
+                    )
+            temp = f".{name[:200]}.restore-{secrets.token_hex(4)}"
+            if node.kind == SYMLINK:
+                os.symlink(node.link_target or "", temp, dir_fd=fd)
+            elif node.kind == FILE:
+                self._write_file(fd, temp, node)
+            else:
+                self.warn(f"skipped {relative}: not a file, folder or symlink")
+                return
+            os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            stamp = _timestamp(node)
+            if stamp is not None:
+                with contextlib.suppress(OSError):
+                    os.utime(name, (stamp, stamp), dir_fd=fd, follow_symlinks=False)
+            self.files += 1
+        finally:
+            os.close(fd)
+
+    def _write_file(self, fd: int, temp: str, node: Node) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        out_fd = os.open(temp, flags, 0o644, dir_fd=fd)
+        try:
+            with os.fdopen(out_fd, "wb", closefd=False) as out:
+                self.bytes += _copy(node.open(), out.write, node.size)
+        except BaseException:
+            os.close(out_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=fd)
+            raise
+        os.close(out_fd)
+
+    def set_folder_times(self, entries: list[tuple[str, Node]]) -> None:
+        """Folder mtimes last: writing their content changed them."""
+        for relative, node in reversed(entries):
+            stamp = _timestamp(node)
+            if stamp is None:
+                continue
+            fd, name = self._open_parent(relative)
+            try:
+                with contextlib.suppress(OSError):
+                    os.utime(name, (stamp, stamp), dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(fd)
+
+
+def extract_to_folder(
+    items: list[tuple[str, Node]], folder: str, *, overwrite: bool, warn: Warn
+) -> tuple[int, int]:
+    """Write ``(path, node)`` items (each with its subtree) under ``folder``.
+
+    Returns (entries written, bytes of file data).
+    """
+    writer = FolderWriter(folder, overwrite=overwrite, warn=warn)
+    try:
+        folders = []
+        for relative, entry in walk_all(items, warn):
+            writer.write(relative, entry)
+            if entry.kind == DIRECTORY:
+                folders.append((relative, entry))
+        writer.set_folder_times(folders)
+        return writer.files, writer.bytes
+    finally:
+        writer.close()
+
+
+# -- archives ----------------------------------------------------------------------------------
+def _open_output(path: str, overwrite: bool) -> BinaryIO:
+    try:
+        return open(path, "wb" if overwrite else "xb")
+    except FileExistsError:
+        raise UsageError(f"{path} already exists; pass --overwrite to replace it") from None
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+
+
+def extract_to_tar(
+    items: list[tuple[str, Node]], path: str, *, overwrite: bool, warn: Warn
+) -> tuple[int, int]:
+    """A tar archive (gzip-compressed when ``path`` ends in ``.gz`` or ``.tgz``), streamed."""
+    mode = "w|gz" if path.endswith((".gz", ".tgz")) else "w|"
+    entries = 0
+    total = 0
+    with (
+        _open_output(path, overwrite) as output,
+        tarfile.open(fileobj=output, mode=mode, format=tarfile.PAX_FORMAT) as archive,
+    ):
+        for relative, entry in walk_all(items, warn):
+            name = safe_relative_path(relative)
+            if name is None:
+                continue
+            info = tarfile.TarInfo(name)
+            info.mtime = int(_timestamp(entry) or 0)
+            if entry.kind == DIRECTORY:
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                archive.addfile(info)
+            elif entry.kind == SYMLINK:
+                info.type = tarfile.SYMTYPE
+                info.linkname = entry.link_target or ""
+                info.mode = 0o777
+                archive.addfile(info)
+            elif entry.kind == FILE:
+                info.size = entry.size
+                info.mode = 0o644
+                archive.addfile(info, _SizedReader(entry.open(), entry.size))
+                total += entry.size
+            else:
+                warn(f"skipped {relative}: not a file, folder or symlink")
+                continue
+            entries += 1
+    return entries, total
+
+
+class _SizedReader:
+    """Gives tarfile exactly ``size`` bytes, failing loudly if the source is short."""
+
+    def __init__(self, source: BinaryIO, size: int) -> None:
+        self._source = source
+        self._left = size
+
+    def read(self, length: int = -1) -> bytes:
+        if length < 0 or length > self._left:
+            length = self._left
+        data = self._source.read(length)
+        if len(data) < length:
+            raise UsageError("a file ended before the size its filesystem records")
+        self._left -= len(data)
+        return data
+
+
+def extract_to_zip(
+    items: list[tuple[str, Node]], path: str, *, overwrite: bool, warn: Warn
+) -> tuple[int, int]:
+    """A zip archive (deflate), streamed entry by entry; symlinks stored as Unix links."""
+    entries = 0
+    total = 0
+    with (
+        _open_output(path, overwrite) as output,
+        zipfile.ZipFile(output, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive,
+    ):
+        for relative, entry in walk_all(items, warn):
+            name = safe_relative_path(relative)
+            if name is None:
+                continue
+            moment = entry.mtime or datetime(1980, 1, 1)
+            stamp = (
+                max(moment.year, 1980),
+                moment.month,
+                moment.day,
+                moment.hour,
+                moment.minute,
+                moment.second,
+            )
+            if entry.kind == DIRECTORY:
+                info = zipfile.ZipInfo(name + "/", stamp)
+                info.external_attr = (stat.S_IFDIR | 0o755) << 16 | 0x10
+                archive.writestr(info, b"")
+            elif entry.kind == SYMLINK:
+                info = zipfile.ZipInfo(name, stamp)
+                info.create_system = 3  # Unix: the mode bits below say "symlink"
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                archive.writestr(info, (entry.link_target or "").encode())
+            elif entry.kind == FILE:
+                info = zipfile.ZipInfo(name, stamp)
+                info.create_system = 3
+                info.external_attr = (stat.S_IFREG | 0o644) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(info, "w", force_zip64=entry.size >= (1 << 31)) as out:
+                    total += _copy(entry.open(), out.write, entry.size)
+            else:
+                warn(f"skipped {relative}: not a file, folder or symlink")
+                continue
+            entries += 1
+    return entries, total

@@ -1,0 +1,109 @@
+"""A backup disk chain as a seekable, read-only file object, for the partition and filesystem
+parsers.
+
+The parsers read in small pieces (a superblock, an inode, a directory block) and often go back
+to the same places, while :class:`~xobackup_core.formats.vhd_chain.VhdChain` reads whole blocks
+(2 MiB) from the remote. A small LRU cache of composed blocks sits between them, so browsing
+costs a handful of range reads and streaming a file costs one read per block. Memory is bounded
+by the cache: ``cache_blocks`` × block size.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from typing import Protocol
+
+DEFAULT_CACHE_BLOCKS = 16
+"""32 MiB with 2 MiB blocks: room for a filesystem's metadata plus a file being streamed."""
+
+
+class BlockDevice(Protocol):
+    """What the stream reads: a virtual disk made of equal blocks (a VhdChain fits)."""
+
+    size: int
+    block_size: int
+
+    def read_block(self, index: int) -> bytes | memoryview:
+        """The ``block_size`` bytes of block ``index``."""
+
+
+class DiskStream(io.RawIOBase):
+    """``read``/``seek``/``tell`` over a :class:`BlockDevice`, with a per-block LRU cache."""
+
+    def __init__(self, device: BlockDevice, *, cache_blocks: int = DEFAULT_CACHE_BLOCKS) -> None:
+        super().__init__()
+        self.device = device
+        self.size = device.size
+        self.block_size = device.block_size
+        self._position = 0
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_blocks = max(cache_blocks, 1)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            position = offset
+        elif whence == io.SEEK_CUR:
+            position = self._position + offset
+        elif whence == io.SEEK_END:
+            position = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if position < 0:
+            raise ValueError("negative seek position")
+        self._position = position
+        return position
+
+    def _block(self, index: int) -> bytes:
+        cached = self._cache.get(index)
+        if cached is not None:
+            self._cache.move_to_end(index)
+            return cached
+        data = self.device.read_block(index)
+        block = data if isinstance(data, bytes) else bytes(data)
+        self._cache[index] = block
+        if len(self._cache) > self._cache_blocks:
+            self._cache.popitem(last=False)
+        return block
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``offset`` (fewer only at the end of the disk)."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        first, within = divmod(offset, self.block_size)
+        if within + (end - offset) <= self.block_size:
+            # The common case for metadata reads: one block, one slice.
+            return self._block(first)[within : within + end - offset]
+        parts = []
+        while offset < end:
+            index, within = divmod(offset, self.block_size)
+            take = min(self.block_size - within, end - offset)
+            parts.append(memoryview(self._block(index))[within : within + take])
+            offset += take
+        return b"".join(parts)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(self.size - self._position, 0)
+        data = self.read_at(self._position, size)
+        self._position += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
