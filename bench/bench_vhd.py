@@ -11,8 +11,9 @@
   ``qemu-img convert -O vpc``: target <= 1.3.
 * peak RSS of ours under 150 MiB everywhere.
 
-Quick mode divides the sizes by 16. The bases are sparse files with every block allocated
-(full bitmaps, data left as holes), so making a 32 GiB base costs nothing.
+Quick mode divides the sizes by 16. The base compared with cp holds data in every block; the
+two bases of the scaling pair are preallocated (fallocate) without being written, so a 32 GiB
+base costs nothing to make.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -120,60 +122,70 @@ def _make_chain(folder: Path, size: int, depth: int, delta_blocks: int) -> tuple
     return folder / f"d{depth - 1:02d}.vhd", raw
 
 
-def _make_sparse_base(path: Path, size: int) -> Any:
-    """A dynamic VHD with every block allocated, its data preallocated but never written.
+def _make_base(path: Path, size: int, base_uuid: uuid.UUID, written: bool) -> None:
+    """A dynamic VHD with every block allocated.
 
-    ``fallocate`` gives the blocks real disk extents (as a base full of data has) without
-    writing them, so a 32 GiB base costs nothing to make; holes would instead charge the
-    merge for allocating blocks, which no real base asks of it.
+    ``written``: every block holds data, like a real full backup (costs a write of the whole
+    disk). Otherwise the blocks are preallocated with ``fallocate`` but never written, so a
+    32 GiB base costs nothing to make; still real extents, unlike holes, which would charge
+    the merge for allocating blocks.
     """
     from xobackup_core.formats.source import LocalFile
     from xobackup_core.formats.vhd_structs import build_footer
     from xobackup_core.formats.vhd_writer import plan_vhd_stream
 
     count = size // BLOCK
-    layout = plan_vhd_stream(size, range(count))
+    layout = plan_vhd_stream(size, range(count), uuid=base_uuid)
     with open(path, "wb") as out:
         out.write(layout.metadata)
-        os.posix_fallocate(out.fileno(), 0, layout.stream_size)
+        if not written:
+            os.posix_fallocate(out.fileno(), 0, layout.stream_size)
+    pattern = os.urandom(BLOCK)
     with LocalFile(path) as file:
         bitmap = b"\xff" * 512
         for position in range(count):
-            file.write_at(layout.first_block_offset + position * (BLOCK + 512), bitmap)
+            offset = layout.first_block_offset + position * (BLOCK + 512)
+            file.write_at(offset, bitmap + pattern if written else bitmap)
         file.write_at(layout.stream_size - 512, build_footer(layout.footer))
-    return layout
 
 
-def _make_merge_set(folder: Path, deltas: int, delta_size: int) -> tuple[list[Path], Path]:
-    """Delta contents (changed blocks spread over the disk) and the same data as one raw file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    per_delta = delta_size // BLOCK
-    changed = folder / "changed.raw"
-    paths = []
-    with open(changed, "wb") as raw:
-        for number in range(deltas):
-            indexes = [number + deltas * k for k in range(per_delta)]
-            blocks = [(index, os.urandom(BLOCK)) for index in indexes]
-            for _, data in blocks:
-                raw.write(data)
-            paths.append((indexes, blocks))
-    return paths, changed
-
-
-def _install_merge(folder: Path, base_size: int, delta_set: Any) -> list[str]:
-    """Fresh copy of a merge input: sparse base + deltas, chained."""
+def _make_merge_set(folder: Path, size: int, deltas: int, delta_size: int) -> uuid.UUID:
+    """10 chained delta files (changed blocks spread over the disk) on top of a base whose
+    uuid is returned, and the same changed data as one raw file, ``changed.raw``."""
     from xobackup_core.formats.vhd_writer import ParentLink
 
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    layout = _make_sparse_base(folder / "base.vhd", base_size)
+    base_uuid = uuid.uuid4()
+    parent = ParentLink(base_uuid, "base.vhd")
+    per_delta = delta_size // BLOCK
+    with open(folder / "changed.raw", "wb") as raw:
+        for number in range(deltas):
+            indexes = [number + deltas * k for k in range(per_delta)]
+
+            def blocks(indexes: list[int] = indexes) -> Any:
+                for index in indexes:
+                    data = os.urandom(BLOCK)
+                    raw.write(data)
+                    yield index, data
+
+            name = f"delta{number:02d}.vhd"
+            layout = _write_vhd(folder / name, size, blocks(), indexes, parent)
+            parent = ParentLink(layout.footer.uuid, name)
+    return base_uuid
+
+
+def _install_merge(folder: Path, data: Path, size: int, base_uuid: uuid.UUID, written: bool):
+    """A fresh merge input in ``folder``: a new base and copies of the deltas."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    _make_base(folder / "base.vhd", size, base_uuid, written)
     names = ["base.vhd"]
-    for number, (indexes, blocks) in enumerate(delta_set):
-        link = ParentLink(layout.footer.uuid, names[-1])
-        name = f"delta{number:02d}.vhd"
-        layout = _write_vhd(folder / name, base_size, iter(blocks), indexes, link)
-        names.append(name)
+    for delta in sorted(data.glob("delta*.vhd")):
+        shutil.copyfile(delta, folder / delta.name)
+        names.append(delta.name)
     return names
 
 
@@ -219,19 +231,23 @@ def bench_read(work: Path, size: int, delta_blocks: int, runs: int) -> dict[str,
 
 
 def bench_merge(work: Path, base_size: int, big_base: int, delta_size: int, runs: int) -> list:
-    delta_set, changed = _make_merge_set(work / "merge-data", 10, delta_size)
+    data = work / "merge-data"
     timings = {}
     rss = 0.0
-    for base in (base_size, big_base):
+    # (base size, written base): the comparison with cp uses a base full of data; the
+    # scaling pair uses preallocated bases of both sizes.
+    for size, written in ((base_size, True), (base_size, False), (big_base, False)):
+        base_uuid = _make_merge_set(data, size, 10, delta_size)
         best = None
         for _ in range(runs):
-            names = _install_merge(work / "merge", base, delta_set)
+            names = _install_merge(work / "merge", data, size, base_uuid, written)
             subprocess.run(["sync"], check=True)
             run = run_python("bench_vhd:merge_chain", str(work / "merge"), names)
             assert run.value == 10 * delta_size, run.value
             best = run if best is None or run.seconds < best.seconds else best
-        timings[base] = best
+        timings[size, written] = best
         rss = max(rss, best.peak_rss_mib)
+    changed = data / "changed.raw"
     copy_target = work / "merge-data" / "copy.raw"
 
     def copy() -> Any:
@@ -245,17 +261,17 @@ def bench_merge(work: Path, base_size: int, big_base: int, delta_size: int, runs
         result(
             f"vhd merge 10x{delta_size // MIB} MiB into {base_size // GIB or base_size // MIB}"
             f"{' GiB' if base_size >= GIB else ' MiB'}",
-            ours_s=timings[base_size].seconds,
+            ours_s=timings[base_size, True].seconds,
             reference_s=reference.seconds,
             reference="cp+sync changed data",
             max_ratio=1.5,
-            peak_rss_mib=timings[base_size].peak_rss_mib,
+            peak_rss_mib=timings[base_size, True].peak_rss_mib,
             max_rss_mib=RSS_LIMIT_MIB,
         ),
         result(
             f"vhd merge scaling base {big_base // base_size}x larger",
-            ours_s=timings[big_base].seconds,
-            reference_s=timings[base_size].seconds,
+            ours_s=timings[big_base, False].seconds,
+            reference_s=timings[base_size, False].seconds,
             reference="same merge, small base",
             max_ratio=1.3,
             peak_rss_mib=rss,
