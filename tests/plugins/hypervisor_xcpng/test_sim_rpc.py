@@ -373,3 +373,18 @@ def test_task_cancel_and_destroy(xapi_sim):
     assert api.task.get_error_info(task) == ["TASK_CANCELLED", task]
     api.task.destroy(task)
     assert failure(api.task.get_record, task)[0] == "HANDLE_INVALID"
+
+
+def test_a_host_without_jsonrpc_answers_text_xml(tmp_path):
+    with Simulator(pools=1, vms=1, jsonrpc=False, data_dir=tmp_path, disk_size=2**24) as sim:
+        request = {
+            "jsonrpc": "2.0",
+            "method": "session.login_with_password",
+            "params": ["root", sim.password],
+            "id": 1,
+        }
+        status, content_type, _ = post(
+            sim.pool(0).url, "/jsonrpc", json.dumps(request).encode(), "application/json"
+        )
+        assert status == 200 and content_type == "text/xml"  # how XO detects "no JSON-RPC"
+        assert login(sim.pool(0).url, sim).xenapi.VM.get_all()

@@ -73,6 +73,11 @@ def sim() -> None:
 @click.option(
     "--password", default="xobackup-sim", show_default=True, help="Password of the root user."
 )
+@click.option(
+    "--no-jsonrpc",
+    is_flag=True,
+    help="Answer /jsonrpc with text/xml, like a host older than JSON-RPC.",
+)
 def serve(
     pools: int,
     vms: int,
@@ -83,6 +88,7 @@ def serve(
     disk_size: int,
     seed: int,
     password: str,
+    no_jsonrpc: bool,
 ) -> None:
     """Serve simulated pools until Ctrl-C or SIGTERM; prints each pool's URL and login."""
     if port and port + pools - 1 > 65535:
@@ -99,6 +105,7 @@ def serve(
         seed=seed,
         password=password,
         disk_size=disk_size * 1024**3,
+        jsonrpc=not no_jsonrpc,
     )
     try:
         simulator.start()

@@ -137,7 +137,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
-        if path == "/jsonrpc":
+        if path == "/jsonrpc" and not self.xapi.sim.jsonrpc:
+            # a host older than JSON-RPC support: its XML-RPC handler answers (§1.1)
+            self.reply(200, "text/xml", xmlrpc_failure(["INTERNAL_ERROR", "Xmlrpc.Parse_error"]))
+        elif path == "/jsonrpc":
             self._jsonrpc(body)
         elif path.startswith("/sim/"):
             control.handle(self, body)

@@ -123,7 +123,9 @@ class Simulator:
     """An XAPI simulator: ``pools`` pools of ``hosts`` hosts and ``vms`` VMs each.
 
     Use as a context manager, or :meth:`start` / :meth:`stop`. ``port`` 0 picks free ports;
-    otherwise pool *i* listens on ``port + i``.
+    otherwise pool *i* listens on ``port + i``. Each VM has one disk of ``disk_size`` bytes
+    with ``allocated_blocks`` 2 MiB blocks of generated data (plus block 0). ``data_dir``
+    holds stored blocks (default: a temporary folder removed by :meth:`stop`).
     """
 
     def __init__(
@@ -140,10 +142,13 @@ class Simulator:
         password: str = "xobackup-sim",
         disk_size: int = 4 * GiB,
         allocated_blocks: int = 4,
+        jsonrpc: bool = True,
     ) -> None:
         if flavour not in FLAVOURS:
             raise ValueError(f"unknown flavour {flavour!r}; known: {', '.join(FLAVOURS)}")
         self.flavour = flavour
+        self.jsonrpc = jsonrpc
+        """False: ``/jsonrpc`` answers ``text/xml`` like a host older than JSON-RPC."""
         self.username = username
         self.password = password
         self.faults = FaultTable()
