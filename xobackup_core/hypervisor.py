@@ -136,13 +136,21 @@ class HypervisorDriver(ABC):
 
     @abstractmethod
     def snapshot(
-        self, vm_uuid: str, name: str, *, quiesce: bool = False, memory: bool = False
+        self,
+        vm_uuid: str,
+        name: str,
+        *,
+        quiesce: bool = False,
+        memory: bool = False,
+        ignore_vdis: tuple[str, ...] = (),
     ) -> Vm:
         """Snapshot a VM and return the snapshot.
 
         ``quiesce`` asks for a quiesced snapshot and falls back to a plain one where the host
         refuses (the returned record's ``other_config`` then holds ``xo:quiesce-fallback``).
         ``memory`` takes a checkpoint (RAM included: the result has ``suspend_vdi_uuid``).
+        ``ignore_vdis`` (live VDI UUIDs) are left out of the snapshot (``[NOBAK]`` disks).
+        Each disk of the result has ``snapshot_of`` set to its live VDI.
         """
 
     @abstractmethod
@@ -200,6 +208,15 @@ class HypervisorDriver(ABC):
         ha_restart_priority: str | None = None,
     ) -> None:
         """Change a VM's bookkeeping. A ``None`` value in a mapping removes that key."""
+
+    def vm_devices(self, vm_uuid: str) -> Mapping[str, Mapping[str, Mapping[str, Any]]]:
+        """The hypervisor's records of a VM's devices, stored in delta backup metadata.
+
+        ``{"vbds": {ref: record}, "vdis": {ref: record}, "vifs": {ref: record},
+        "networks": {ref: record}}``, keyed as the VM record refers to them. Drivers that
+        cannot tell return empty maps; restores then rebuild devices from :class:`Disk`.
+        """
+        return {"vbds": {}, "vdis": {}, "vifs": {}, "networks": {}}
 
     def close(self) -> None:
         """Log out and release connections."""

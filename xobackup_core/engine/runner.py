@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -168,9 +169,13 @@ class JobRunner:
         if job.remotes and settings["exportRetention"] == 0:
             recorder.info("exportRetention is 0 for this schedule: no backup to remotes")
             remote_names = []
+        if job.srs:
+            recorder.warning("replication to SRs is not available yet: the job's srs are ignored")
         targets = self._open_remotes(remote_names, recorder)
         if remote_names and not targets:
             raise XobackupError("no remote of the job could be opened")
+        if not targets and settings["snapshotRetention"] <= 0:
+            return "nothing to do: no remote to write to and no snapshotRetention"
         limiter = RateLimiter(int(settings["maxExportRate"] or 0))
         workers = settings["concurrency"] or len(vms)
 
@@ -253,6 +258,8 @@ class _VmBackup:
         self.task = task
         self.rate = rate
         self.limiter = runner.limiter
+        self.dropped: list[str] = []
+        self._targets_lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------------------
     @contextmanager
@@ -272,11 +279,31 @@ class _VmBackup:
         return sorted(found, key=lambda s: (s.other_config.get("xo:backup:datetime", ""), s.uuid))
 
     def drop_target(self, target_key: str, error: BaseException, step: str) -> None:
-        self.targets = [t for t in self.targets if t.key != target_key]
+        with self._targets_lock:
+            if target_key in self.dropped:
+                return
+            self.dropped.append(target_key)
+            self.targets = [t for t in self.targets if t.key != target_key]
         self.task.warning(
             f"remote {target_key!r} failed during {step} and was dropped: {describe_error(error)}",
             {"remote": target_key},
         )
+
+    def new_timestamp(self) -> int:
+        """Now, in ms, but in a later second than any backup of the VM on the targets.
+
+        Backup names have one-second granularity (``20260801T040000Z``, XO's layout), so two
+        runs in the same second would share names: the later one waits for the next second.
+        """
+        latest = max(
+            (b.timestamp for t in self.targets for b in t.repository.list_backups(self.vm.uuid)),
+            default=0,
+        )
+        now = self.runner.now_ms()
+        while now // 1000 <= latest // 1000:
+            time.sleep(max((latest // 1000 + 1) * 1000 - now, 1) / 1000)
+            now = self.runner.now_ms()
+        return now
 
     # -- the flow ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -291,7 +318,9 @@ class _VmBackup:
             },
         )
         try:
-            if mode == "full":
+            if not self.targets:
+                self.rolling_snapshot()
+            elif mode == "full":
                 self.full_backup()
             else:
                 self.delta_backup()
@@ -304,13 +333,15 @@ class _VmBackup:
             except XobackupError as error:
                 self.task.warning(f"could not unblock migration: {error}")
 
-    def take_snapshot(self, timestamp_ms: int) -> Vm:
+    def take_snapshot(self, timestamp_ms: int, ignore: tuple[str, ...] = ()) -> Vm:
+        memory = bool(self.settings["checkpointSnapshot"]) or "xo-memory-backup" in self.vm.tags
         with self.slot("snapshots"), self.recorder.task("snapshot", parent=self.task) as step:
             snapshot = self.driver.snapshot(
                 self.vm.uuid,
                 snapshot_name(self.job["name"], self.vm.name),
                 quiesce=bool(self.settings["quiesce"]),
-                memory=bool(self.settings["checkpointSnapshot"]),
+                memory=memory,
+                ignore_vdis=ignore,
             )
             if snapshot.other_config.get("xo:quiesce-fallback"):
                 step.warning("quiesced snapshot refused by the host: plain snapshot taken")
@@ -339,23 +370,35 @@ class _VmBackup:
 
     # -- full (XVA) --------------------------------------------------------------------------
     def full_backup(self) -> None:
-        timestamp_ms = self.runner.now_ms()
+        skipped = tuple(d.vdi_uuid for d in self.vm.disks if NO_BACKUP_DISK_MARK in d.name)
+        timestamp_ms = self.new_timestamp()
         must_snapshot = (
             self.vm.power_state != "Halted"
             or self.settings["unconditionalSnapshot"]
             or self.settings["snapshotRetention"] > 0
+            or bool(skipped)
         )
-        snapshot = self.take_snapshot(timestamp_ms) if must_snapshot else self.vm
+        if self.settings["deleteFirst"]:
+            self.apply_retention("full", reserve=1)
+        snapshot = self.take_snapshot(timestamp_ms, ignore=skipped) if must_snapshot else self.vm
         stamp = format_timestamp(timestamp_ms)
         compression = {"": "none", "native": "gzip"}.get(
             self.job["compression"], self.job["compression"]
         )
         try:
             self.export_xva(snapshot, stamp, timestamp_ms, compression)
-            self.apply_retention("full")
+            if not self.settings["deleteFirst"]:
+                self.apply_retention("full")
         finally:
             if must_snapshot:
                 self.rotate_snapshots(keep=self.settings["snapshotRetention"], newest=snapshot)
+
+    def rolling_snapshot(self) -> None:
+        """A job whose only target is the VM itself: snapshot, then rotate (XO §1.5)."""
+        snapshot = self.take_snapshot(self.runner.now_ms())
+        if self.job["mode"] == "delta":
+            self.driver.update_vm(snapshot.uuid, other_config={"xo:backup:exported": "true"})
+        self.rotate_snapshots(keep=self.settings["snapshotRetention"], newest=snapshot)
 
     def export_xva(self, snapshot: Vm, stamp: str, timestamp_ms: int, compression: str) -> None:
         name = f"{stamp}.xva"
@@ -469,6 +512,9 @@ class _VmBackup:
 
     def delta_backup(self) -> None:
         live_disks = [d for d in self.vm.disks if NO_BACKUP_DISK_MARK not in d.name]
+        skipped = [d for d in self.vm.disks if NO_BACKUP_DISK_MARK in d.name]
+        for disk in skipped:
+            self.task.info(f"disk {disk.name} is marked {NO_BACKUP_DISK_MARK}: not backed up")
         for target in self.targets:
             for disk in live_disks:
                 folder = target.repository.vdi_folder(self.vm.uuid, self.job_id, disk.vdi_uuid)
@@ -479,89 +525,134 @@ class _VmBackup:
         base, reason = self.select_base(live_disks)
         if base is None:
             self.task.info(f"full backup: {reason}")
-        timestamp_ms = self.runner.now_ms()
-        snapshot = self.take_snapshot(timestamp_ms)
+        if self.settings["deleteFirst"]:
+            self.apply_retention("delta", reserve=1)
+        timestamp_ms = self.new_timestamp()
+        snapshot = self.take_snapshot(timestamp_ms, ignore=tuple(d.vdi_uuid for d in skipped))
         stamp = format_timestamp(timestamp_ms)
         try:
-            sizes = self.export_disks(snapshot, base, live_disks, stamp)
-            vhds: dict[str, str] = {}
-            differencing: dict[str, bool] = {}
-            vdis: dict[str, Any] = {}
-            snapshot_disks = {d.snapshot_of: d for d in snapshot.disks}
-            base_disks = {d.snapshot_of: d for d in base.disks} if base else {}
-            for disk in live_disks:
-                snap_disk = snapshot_disks[disk.vdi_uuid]
-                key = snap_disk.vdi_uuid
-                vhds[key] = f"vdis/{self.job_id}/{disk.vdi_uuid}/{stamp}.vhd"
-                differencing[key] = base is not None
-                other = {"$snapshot_of$uuid": disk.vdi_uuid, "$SR$uuid": disk.sr_uuid}
-                if base is not None:
-                    other["xo:base_delta_vdi"] = base_disks[disk.vdi_uuid].vdi_uuid
-                vdis[key] = {
-                    "uuid": snap_disk.vdi_uuid,
-                    "name_label": disk.name,
-                    "virtual_size": disk.virtual_size,
-                    "userdevice": disk.device,
-                    "other_config": other,
-                }
+            jobs = [(disk, base) for disk in live_disks]
+            if snapshot.suspend_vdi_uuid:
+                # The memory image of a checkpoint goes full, in a folder named after itself.
+                memory = Disk(
+                    vdi_uuid=snapshot.suspend_vdi_uuid,
+                    name="memory (suspend VDI)",
+                    virtual_size=0,
+                    sr_uuid="",
+                    snapshot_of=snapshot.suspend_vdi_uuid,
+                )
+                jobs.append((memory, None))
+            sizes = self.export_disks(snapshot, jobs, stamp)
+            metadata_parts = self.delta_metadata(snapshot, base, [d for d, _ in jobs], stamp)
             for target in list(self.targets):
                 metadata = self.base_metadata(timestamp_ms, snapshot)
-                metadata.update(
-                    {
-                        "mode": "delta",
-                        "vhds": vhds,
-                        "isVhdDifferencing": differencing,
-                        "vdis": vdis,
-                        "vbds": {},
-                        "vifs": {},
-                        "size": sizes.get(target.key, 0),
-                    }
-                )
+                metadata.update(metadata_parts)
+                metadata["size"] = sizes.get(target.key, 0)
                 try:
                     target.repository.write_metadata(self.vm.uuid, stamp, metadata)
                 except RemoteError as error:
                     self.drop_target(target.key, error, "metadata")
             if not self.targets:
                 raise XobackupError("all targets have failed")
-            chain_length = 0
-            if base is not None:
-                chain_length = int(base.other_config.get("xo:backup:deltaChainLength", "0")) + 1
-            self.driver.update_vm(
-                snapshot.uuid,
-                other_config={
-                    "xo:backup:exported": "true",
-                    "xo:backup:deltaChainLength": str(chain_length),
-                },
-            )
-            self.apply_retention("delta")
+            if not self.dropped:
+                # Only a snapshot that every remote holds may be the next base (XO's rule).
+                chain_length = 0
+                if base is not None:
+                    chain_length = int(base.other_config.get("xo:backup:deltaChainLength", "0"))
+                    chain_length += 1
+                self.driver.update_vm(
+                    snapshot.uuid,
+                    other_config={
+                        "xo:backup:exported": "true",
+                        "xo:backup:deltaChainLength": str(chain_length),
+                    },
+                )
+            if not self.settings["deleteFirst"]:
+                self.apply_retention("delta")
         except BaseException:
-            # A snapshot that was not exported everywhere must never become a base.
+            # A snapshot that was not exported must never become a base.
             self.driver.destroy_vm(snapshot.uuid)
             raise
-        # Keep the newest exported snapshot (the next base) plus snapshotRetention.
-        self.rotate_snapshots(keep=max(1, self.settings["snapshotRetention"]), newest=snapshot)
+        self.rotate_snapshots(keep=self.settings["snapshotRetention"], newest=snapshot)
 
-    def export_disks(
+    def delta_metadata(
         self, snapshot: Vm, base: Vm | None, disks: Sequence[Disk], stamp: str
-    ) -> dict[str, int]:
-        """Export every disk to every target; returns bytes written per target."""
+    ) -> dict[str, Any]:
+        """The delta-specific metadata fields, keyed by the snapshot's VDI refs as XO does."""
+        devices = self.driver.vm_devices(snapshot.uuid)
+        ref_of = {record.get("uuid"): ref for ref, record in devices["vdis"].items()}
         snapshot_disks = {d.snapshot_of: d for d in snapshot.disks}
         base_disks = {d.snapshot_of: d for d in base.disks} if base else {}
-        written: dict[str, int] = {t.key: 0 for t in self.targets}
+        vhds: dict[str, str] = {}
+        differencing: dict[str, bool] = {}
+        vdis: dict[str, Any] = {}
         for disk in disks:
+            snap_disk = snapshot_disks.get(disk.vdi_uuid) or disk
+            key = ref_of.get(snap_disk.vdi_uuid, snap_disk.vdi_uuid)
+            vhds[key] = f"vdis/{self.job_id}/{disk.vdi_uuid}/{stamp}.vhd"
+            base_disk = base_disks.get(disk.vdi_uuid)
+            differencing[key] = base_disk is not None
+            record = dict(devices["vdis"].get(key) or {
+                "uuid": snap_disk.vdi_uuid,
+                "name_label": disk.name,
+                "virtual_size": disk.virtual_size,
+            })
+            other = dict(record.get("other_config") or {})
+            other["$snapshot_of$uuid"] = disk.vdi_uuid
+            other["$SR$uuid"] = disk.sr_uuid or snap_disk.sr_uuid
+            if base_disk is not None:
+                other["xo:base_delta_vdi"] = base_disk.vdi_uuid
+            record["other_config"] = other
+            vdis[key] = record
+        vifs = {}
+        for ref, vif in devices["vifs"].items():
+            network = devices["networks"].get(vif.get("network"), {})
+            vifs[ref] = {
+                **vif,
+                "$network$uuid": network.get("uuid"),
+                "$network$name_label": network.get("name_label"),
+                "$network$VLAN": network.get("VLAN", -1),
+            }
+        return {
+            "mode": "delta",
+            "vhds": vhds,
+            "isVhdDifferencing": differencing,
+            "vdis": vdis,
+            "vbds": dict(devices["vbds"]),
+            "vifs": vifs,
+        }
+
+    def export_disks(
+        self, snapshot: Vm, jobs: Sequence[tuple[Disk, Vm | None]], stamp: str
+    ) -> dict[str, int]:
+        """Export every (disk, base) to every target, ``diskPerVmConcurrency`` at a time;
+        returns bytes written per target."""
+        snapshot_disks = {d.snapshot_of: d for d in snapshot.disks}
+        written: dict[str, int] = {t.key: 0 for t in self.targets}
+
+        def export(job: tuple[Disk, Vm | None]) -> dict[str, int]:
+            disk, base = job
             snap_disk = snapshot_disks.get(disk.vdi_uuid)
+            if snap_disk is None and disk.vdi_uuid == snapshot.suspend_vdi_uuid:
+                snap_disk = disk
             if snap_disk is None:
                 raise XobackupError(f"the snapshot has no copy of disk {disk.name}")
-            base_disk = base_disks.get(disk.vdi_uuid)
+            base_disk = None
+            if base is not None:
+                base_disk = next((d for d in base.disks if d.snapshot_of == disk.vdi_uuid), None)
             with self.slot("disk_exports"):
                 stream = self.driver.export_disk(
                     snap_disk.vdi_uuid,
                     base_vdi_uuid=base_disk.vdi_uuid if base_disk else None,
                 )
                 with stream:
-                    sizes = self.write_vhd_to_targets(stream, disk, snap_disk, base_disk, stamp)
-            for key, size in sizes.items():
-                written[key] = written.get(key, 0) + size
+                    return self.write_vhd_to_targets(stream, disk, snap_disk, base_disk, stamp)
+
+        workers = self.settings["diskPerVmConcurrency"] or len(jobs) or 1
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="disk") as pool:
+            for sizes in pool.map(export, jobs):
+                for key, size in sizes.items():
+                    written[key] = written.get(key, 0) + size
         return written
 
     def write_vhd_to_targets(
@@ -637,8 +728,10 @@ class _VmBackup:
         return sizes
 
     # -- retention ---------------------------------------------------------------------------
-    def apply_retention(self, mode: str) -> None:
-        keep = int(self.settings["exportRetention"] or 0)
+    def apply_retention(self, mode: str, reserve: int = 0) -> None:
+        """Delete this schedule's old backups on every remote beyond ``exportRetention``;
+        ``reserve`` leaves room for backups not written yet (``deleteFirst``)."""
+        keep = max(int(self.settings["exportRetention"] or 0) - reserve, 0)
         long_term = self.settings["longTermRetention"]
         long_term_rules = long_term.model_dump() if long_term is not None else None
         for target in self.targets:
@@ -742,10 +835,22 @@ class _VmBackup:
             target.repository.write_metadata(self.vm.uuid, stamp, data)
 
     def rotate_snapshots(self, *, keep: int, newest: Vm) -> None:
-        """Destroy this job's snapshots of the VM beyond the newest ``keep`` (``newest`` being
-        the one this run took)."""
-        snapshots = [s for s in self.job_snapshots() if s.uuid != newest.uuid] + [newest]
-        doomed = snapshots[: max(len(snapshots) - keep, 0)]
+        """Rolling snapshots: this schedule's job snapshots beyond the newest ``keep`` go.
+
+        ``newest`` (this run's) counts as the newest. In delta mode it is the next base and is
+        kept whatever ``keep`` says, and snapshots of runs that did not finish (never marked
+        exported) are removed: they can never be a base (XO: xo-backups.md §1.5).
+        """
+        delta = self.job["mode"] == "delta"
+        others = [s for s in self.job_snapshots() if s.uuid != newest.uuid]
+        doomed = []
+        if delta:
+            doomed += [s for s in others if s.other_config.get("xo:backup:exported") != "true"]
+            others = [s for s in others if s not in doomed]
+            keep = max(keep, 1)
+        mine = [s for s in others if s.other_config.get("xo:backup:schedule") == self.schedule_id]
+        mine.append(newest)
+        doomed += mine[: max(len(mine) - keep, 0)]
         for snapshot in doomed:
             try:
                 self.driver.destroy_vm(snapshot.uuid)
