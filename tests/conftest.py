@@ -13,6 +13,9 @@ import pytest
 
 pytest.register_assert_rewrite("xobackup_core.testing")
 
+# The XAPI simulator's fixtures (xapi_sim, xapi_sim_session) for every test folder.
+pytest_plugins = ["xobackup_hypervisor_xcpng.sim.pytest_fixtures"]
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

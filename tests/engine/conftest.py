@@ -10,8 +10,6 @@ from xobackup_core.engine.runner import JobRunner
 from xobackup_core.logs.store import LogStore
 from xobackup_core.plugins import Plugins
 
-pytest_plugins = ["xobackup_hypervisor_xcpng.sim.pytest_fixtures"]
-
 
 class Harness:
     """A config around one simulator, a log store, and a way to run jobs."""
