@@ -241,3 +241,19 @@ def test_stop_waits_for_runs_then_marks_the_rest_interrupted(tmp_path, store, pl
     assert [task.status for task in run.tasks] == [Status.INTERRUPTED]
     assert running.daemon.abandoned == [run.run_id]
     running.factory.release.set()
+
+
+def test_a_second_stop_request_ends_the_grace_period_at_once(tmp_path, store, plugins):
+    path = write_config(tmp_path, {"often": {"job": "nightly", "cron": "*/5 * * * *"}})
+    running = Running(path, store, plugins, epoch(2026, 5, 1, 12, 1), grace=3600)
+    running.factory.release.clear()
+    running.clock.set(epoch(2026, 5, 1, 12, 5))
+    wait_until(lambda: len(running.factory.fired) == 1, what="the run to start")
+    running.daemon.request_stop()
+    running.thread.join(0.3)
+    assert running.thread.is_alive()  # within its grace period
+    running.daemon.request_stop()
+    running.thread.join(10)
+    assert not running.thread.is_alive()
+    assert store.get_run(running.factory.fired[0].run_id).status is Status.INTERRUPTED
+    running.factory.release.set()

@@ -153,3 +153,10 @@ def test_schedules_command_lists_next_runs_in_local_time_and_utc(tmp_path):
     text = invoke(path, "schedules").output
     assert "night: job nightly, '30 2 * * *' Europe/Paris, enabled" in text
     assert "off: job weekly, '0 4 * * 0' UTC, disabled" in text
+
+
+def test_a_cron_the_evaluator_refuses_names_the_schedule(tmp_path):
+    path = write_config(tmp_path, {"bad": {"job": "nightly", "cron": "61 * * * *"}})
+    result = invoke(path, "schedules")
+    assert result.exit_code == 2
+    assert "schedules.bad: '61 * * * *' is not a valid cron expression" in result.output

@@ -129,6 +129,7 @@ class Daemon:
         self._runners = [self._runner]
         self._wake = threading.Event()
         self._stop = False
+        self._force = threading.Event()
         self._reload = False
         self._active: dict[str, _Active] = {}  # job id -> its run in this process
         self._jobs_lock = threading.Lock()
@@ -137,7 +138,12 @@ class Daemon:
 
     # -- control (signal handlers call these) -----------------------------------------------
     def request_stop(self) -> None:
-        """Stop starting runs and leave :meth:`run` (after the grace period)."""
+        """Stop starting runs and leave :meth:`run` (after the grace period).
+
+        A second request while stopping ends the grace period at once.
+        """
+        if self._stop:
+            self._force.set()
         self._stop = True
         self._wake.set()
 
@@ -304,13 +310,17 @@ class Daemon:
             active = list(self._active.values())
         if active:
             _log.info(
-                "stopping: waiting up to %g s for %d running job(s)",
+                "stopping: waiting up to %g s for %d running job(s) (stop again to end now)",
                 self.shutdown_grace,
                 len(active),
             )
         deadline = time.monotonic() + self.shutdown_grace
         for item in active:
-            item.thread.join(max(0.0, deadline - time.monotonic()))
+            while item.thread.is_alive() and not self._force.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                item.thread.join(min(left, 0.1))
         self.abandoned = self._interrupt_own_runs()
         if not self.abandoned:
             for runner in self._runners:
