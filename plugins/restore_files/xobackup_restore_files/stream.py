@@ -37,7 +37,7 @@ class DiskStream(io.RawIOBase):
         self.size = device.size
         self.block_size = device.block_size
         self._position = 0
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache: OrderedDict[int, bytes | memoryview] = OrderedDict()
         self._cache_blocks = max(cache_blocks, 1)
 
     def readable(self) -> bool:
@@ -63,13 +63,14 @@ class DiskStream(io.RawIOBase):
         self._position = position
         return position
 
-    def _block(self, index: int) -> bytes:
+    def _block(self, index: int) -> bytes | memoryview:
         cached = self._cache.get(index)
         if cached is not None:
             self._cache.move_to_end(index)
             return cached
-        data = self.device.read_block(index)
-        block = data if isinstance(data, bytes) else bytes(data)
+        # Kept as the device returns it (often a memoryview): only the slices asked for are
+        # copied, never the whole block.
+        block = self.device.read_block(index)
         self._cache[index] = block
         if len(self._cache) > self._cache_blocks:
             self._cache.popitem(last=False)
@@ -83,7 +84,7 @@ class DiskStream(io.RawIOBase):
         first, within = divmod(offset, self.block_size)
         if within + (end - offset) <= self.block_size:
             # The common case for metadata reads: one block, one slice.
-            return self._block(first)[within : within + end - offset]
+            return bytes(self._block(first)[within : within + end - offset])
         parts = []
         while offset < end:
             index, within = divmod(offset, self.block_size)
