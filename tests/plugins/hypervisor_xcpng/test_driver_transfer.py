@@ -283,8 +283,9 @@ def test_create_suspended_vm_on_xcpng(
     suspend = driver.create_disk(
         sr_uuid=sr, name="memory", virtual_size=memory_size, vdi_type="suspend"
     )
-    with driver.export_disk(memory, format="raw") as stream:
-        driver.import_disk(suspend, stream, format="raw", size=memory_size)  # type: ignore[arg-type]
+    # the memory image goes straight from one handler to the other (a pipe: length unknown)
+    with driver.export_disk(memory) as stream:
+        driver.import_disk(suspend, stream)  # type: ignore[arg-type]
     restored = driver.create_vm(metadata, sr_uuid=sr, disks=disks, suspend_vdi_uuid=suspend)
     record = sim_record(xapi_sim, "VM", restored)
     assert record["power_state"] == "Suspended"
@@ -297,7 +298,10 @@ def test_create_suspended_vm_on_xcpng(
     assert [d.vdi_uuid for d in vm.disks] == list(disks.values())
     assert [d.device for d in vm.disks] == [d.device for d in checkpoint.disks]
     assert len(record["VIFs"]) == len(metadata["vifs"])
-    assert xapi_sim.read(suspend, 0, memory_size) == xapi_sim.read(memory, 0, memory_size)
+    # the memory image is sparse: compare the blocks either side holds (the rest is zeros)
+    source, copy = xapi_sim.vdi_data(memory), xapi_sim.vdi_data(suspend)
+    held = set(source.allocated()) | set(copy.allocated())
+    assert held and all(source.read_block(b) == copy.read_block(b) for b in held)
     # the restored VM resumes where the host's CPU allows it
     driver.call("VM.resume", driver._ref("VM", restored), False, False)
     assert sim_record(xapi_sim, "VM", restored)["power_state"] == "Running"
