@@ -1,0 +1,257 @@
+"""The SMB remote against a real Samba smbd on 127.0.0.1 (private config and passdb)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+
+import pytest
+
+from tests.conftest import require, require_module, require_tool
+from xobackup_core.config import Secret
+from xobackup_core.errors import (
+    RemoteConfigError,
+    RemoteConnectionError,
+    RemoteError,
+    RemotePermissionError,
+)
+from xobackup_core.plugins import Plugins
+from xobackup_core.testing import RemoteConformance
+from xobackup_core.testing.remote_conformance import pattern
+
+MiB = 1024 * 1024
+CLI = [sys.executable, "-m", "xobackup_core.cli"]
+
+
+@pytest.fixture(scope="session")
+def smb_server(tmp_path_factory):
+    require_module("smbprotocol")
+    require_tool("smbd")
+    require_tool("smbpasswd")
+    from tests.servers import smb
+
+    require(smb.available(), "smbd (as root)")
+    server = smb.SmbServer(tmp_path_factory.mktemp("smbd")).start()
+    yield server
+    server.stop()
+
+
+def _remote(server, sub: str, **options):
+    from xobackup_remote_smb import open_smb_remote
+
+    options.setdefault("password", Secret(server.password))
+    options.setdefault("name", "smb-test")
+    return open_smb_remote(server.url(sub), options)
+
+
+class TestSmbRemoteConformance(RemoteConformance):
+    large_file_size = 32 * MiB
+
+    @pytest.fixture
+    def remote(self, smb_server):
+        remote = _remote(smb_server, f"conformance/{uuid.uuid4().hex[:12]}")
+        yield remote
+        remote.close()
+
+
+class TestSmbRemoteEncryptedConformance(RemoteConformance):
+    """The same contract over an SMB3-encrypted session (a different data path in the client)."""
+
+    large_file_size = 16 * MiB
+    concurrent_writers = 4
+
+    @pytest.fixture
+    def remote(self, smb_server):
+        remote = _remote(smb_server, f"encrypted/{uuid.uuid4().hex[:12]}", encrypt=True)
+        yield remote
+        remote.close()
+
+
+def test_encryption_is_negotiated_on_request(smb_server):
+    with _remote(smb_server, "enc-check", encrypt=True) as remote:
+        connection = next(iter(remote._cache.values()))
+        session = next(iter(connection.session_table.values()))
+        assert session.encrypt_data
+    with _remote(smb_server, "enc-check") as remote:
+        connection = next(iter(remote._cache.values()))
+        session = next(iter(connection.session_table.values()))
+        assert not session.encrypt_data
+
+
+def test_files_land_in_the_share_with_the_final_name_only(smb_server):
+    data = pattern(5 * MiB + 3, seed=3)
+    with _remote(smb_server, "layout/deep") as remote:
+        with remote.open_write("/vm/disk.vhd") as writer:
+            writer.write(data)
+            # While writing, only a hidden temp file exists on the server's disk.
+            names = os.listdir(smb_server.share_dir / "layout/deep/vm")
+            assert len(names) == 1 and names[0].startswith(".disk.vhd.tmp-")
+    on_disk = smb_server.share_dir / "layout/deep/vm/disk.vhd"
+    assert on_disk.read_bytes() == data
+    assert os.listdir(on_disk.parent) == ["disk.vhd"]
+
+
+def test_free_space_matches_the_server_filesystem(smb_server):
+    with _remote(smb_server, "space") as remote:
+        free = remote.free_space()
+    stat = os.statvfs(smb_server.share_dir)
+    expected = stat.f_bavail * stat.f_frsize
+    assert free is not None
+    assert abs(free - expected) < 512 * MiB
+
+
+def test_wrong_password_is_a_clear_error_without_the_secret(smb_server):
+    wrong = "Wr0ng-Pa55-" + uuid.uuid4().hex[:8]
+    with pytest.raises(RemotePermissionError) as caught:
+        _remote(smb_server, "x", password=Secret(wrong), retries=0)
+    message = str(caught.value)
+    assert "authentication failed" in message
+    assert smb_server.user in message
+    assert "smb-test" in message
+    assert wrong not in message and wrong not in repr(caught.value.__dict__)
+
+
+def test_missing_share_is_a_config_error(smb_server):
+    from xobackup_remote_smb import open_smb_remote
+
+    url = smb_server.url().replace("/backup", "/no-such-share")
+    with pytest.raises(RemoteConfigError) as caught:
+        open_smb_remote(url, {"password": Secret(smb_server.password), "retries": 0})
+    assert "no-such-share" in str(caught.value)
+    assert smb_server.password not in str(caught.value)
+
+
+def test_nobody_listening_is_a_connection_error(smb_server):
+    from xobackup_remote_smb import open_smb_remote
+
+    from tests.servers.base import free_port
+
+    url = f"smb://{smb_server.user}@127.0.0.1:{free_port()}/backup"
+    with pytest.raises(RemoteConnectionError) as caught:
+        open_smb_remote(url, {"password": Secret("pw"), "retries": 1, "connect_timeout": 2})
+    assert "connect" in str(caught.value)
+
+
+def test_bad_urls_and_options(smb_server):
+    from xobackup_remote_smb import open_smb_remote
+
+    with pytest.raises(RemoteConfigError, match="share"):
+        open_smb_remote("smb://user@host", {"password": "x"})
+    with pytest.raises(RemoteConfigError, match="password"):
+        open_smb_remote(smb_server.url(), {})
+    with pytest.raises(RemoteConfigError, match="bogus"):
+        open_smb_remote(smb_server.url(), {"password": "x", "bogus": 1})
+
+
+def test_plugin_hook_and_listing(smb_server):
+    plugins = Plugins()
+    assert "smb" in plugins.provided_names("remote")
+    remote = plugins.remote(
+        smb_server.url("hooked"), {"password": Secret(smb_server.password), "name": "cfg-name"}
+    )
+    try:
+        assert remote.name == "cfg-name"
+        remote.write_bytes("/x", b"y")
+        assert (smb_server.share_dir / "hooked/x").read_bytes() == b"y"
+    finally:
+        remote.close()
+
+
+def test_cli_remote_test(smb_server):
+    env = {**os.environ, "XOBACKUP_SMB_PASSWORD": smb_server.password}
+    result = subprocess.run(
+        [*CLI, "remote", "test", smb_server.url("cli"), "--size", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    assert smb_server.password not in result.stdout + result.stderr
+    assert os.listdir(smb_server.share_dir / "cli") == []
+
+
+def test_cli_wrong_password_exit_code(smb_server):
+    env = {**os.environ, "XOBACKUP_SMB_PASSWORD": "not-the-password-123"}
+    result = subprocess.run(
+        [*CLI, "remote", "test", smb_server.url("cli")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "authentication failed" in result.stderr
+    assert "not-the-password-123" not in result.stdout + result.stderr
+
+
+def test_server_stopped_mid_upload(tmp_path):
+    """A write cut by a dead server never appears under its final name; the next one works."""
+    require_module("smbprotocol")
+    require_tool("smbd")
+    from tests.servers import smb
+
+    require(smb.available(), "smbd (as root)")
+    server = smb.SmbServer(tmp_path / "smbd").start()
+    try:
+        remote = _remote(server, "cut", timeout=10, retries=0)
+        remote.write_bytes("/vm/backup.xva", b"previous backup")
+        writer = remote.open_write("/vm/backup.xva")
+        writer.write(pattern(8 * MiB))
+        server.stop()
+        with pytest.raises(RemoteError):
+            for _ in range(64):
+                writer.write(pattern(MiB))
+            writer.commit()
+        writer.abort()  # what a `with` block does; must not hang or raise on a dead server
+        assert writer.closed
+        server.start()
+        names = os.listdir(server.share_dir / "cut/vm")
+        assert "backup.xva" in names
+        assert (server.share_dir / "cut/vm/backup.xva").read_bytes() == b"previous backup"
+        # The abandoned temp file is never listed, and the next write goes through.
+        remote = _remote(server, "cut", timeout=10)
+        assert remote.list("/vm") == ["backup.xva"]
+        remote.write_bytes("/vm/backup.xva", b"next backup")
+        assert remote.read_bytes("/vm/backup.xva") == b"next backup"
+        remote.close()
+    finally:
+        server.stop()
+
+
+def test_silent_server_times_out(smb_server):
+    """A server that stops answering (SIGSTOP) makes operations fail after the timeout."""
+    import signal
+
+    remote = _remote(smb_server, "frozen", timeout=2, retries=0)
+    remote.write_bytes("/a", b"a")
+    pids = subprocess.run(
+        ["pgrep", "-s", str(smb_server.process.pid)], capture_output=True, text=True
+    ).stdout.split()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGSTOP)
+    outcome: list[BaseException] = []
+    try:
+        thread = threading.Thread(target=lambda: _capture(outcome, remote.stat, "/a"))
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "the operation hung past its timeout"
+    finally:
+        for pid in pids:
+            os.kill(int(pid), signal.SIGCONT)
+    assert outcome and isinstance(outcome[0], RemoteConnectionError)
+    assert "stat" in str(outcome[0]) and "/a" in str(outcome[0])
+    assert remote.read_bytes("/a") == b"a"  # reconnects once the server answers again
+    remote.close()
+
+
+def _capture(outcome, function, *args):
+    try:
+        function(*args)
+    except BaseException as error:
+        outcome.append(error)
