@@ -6,6 +6,7 @@ import base64
 import hashlib
 import http.client
 import io
+import socket
 import subprocess
 import time
 import uuid as uuidlib
@@ -376,3 +377,38 @@ def test_guest_content_is_sparse_deterministic_and_changeable(tmp_path):
     first.stop()
     second.stop()
     assert uuidlib.UUID(vdi_uuid)
+
+
+def test_raw_upload_announcing_too_much_keeps_its_data_and_fails(xapi_sim):
+    session = login(xapi_sim)
+    api = session.xenapi
+    sr = next(iter(api.pool.get_all_records().values()))["default_SR"]
+    vdi = api.VDI.create(
+        {
+            "name_label": "r",
+            "name_description": "",
+            "SR": sr,
+            "virtual_size": str(4 * MiB),
+            "type": "user",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+    )
+    task = api.task.create("upload", "")
+    host, port = xapi_sim.pool(0).url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    query = urlencode({"session_id": session._session, "vdi": vdi, "task_id": task})
+    connection.putrequest("PUT", f"/import_raw_vdi?{query}")
+    connection.putheader("Content-Length", str(2**50))  # XO's "unknown size"
+    connection.endheaders()
+    connection.send(b"\x05" * (3 * MiB))
+    sock = connection.sock
+    response = connection.getresponse()  # XAPI answers 200 before reading the body
+    assert response.status == 200
+    sock.shutdown(socket.SHUT_WR)  # then the client stops sending
+    response.read()
+    connection.close()
+    record = wait_task(session, task)
+    assert record["status"] == "failure" and record["error_info"][0] == "VDI_IO_ERROR"
+    assert xapi_sim.read(vdi, 0, 3 * MiB) == b"\x05" * (3 * MiB)

@@ -383,6 +383,9 @@ def run(handler: RequestHandler, path: str, func: Callable[[StreamRequest], None
     except FormatError as error:
         xapi.finish_task(task, error=XapiError("IMPORT_ERROR_GENERIC", str(error)))
         handler.drop()
+    except OSError as error:  # the client went away (reset, broken pipe)
+        xapi.finish_task(task, error=XapiError("VDI_IO_ERROR", f"connection lost: {error}"))
+        handler.close_connection = True
     finally:
         if temporary:
             xapi.logout(session)
@@ -928,15 +931,15 @@ def import_raw_vdi(request: StreamRequest) -> None:
         writer = VdiWriter(data)
         try:
             if fmt == "raw":
-                if length > data.size:
-                    raise StreamAborted(
-                        XapiError(
-                            "VDI_IO_ERROR", f"upload of {length} bytes is larger than the VDI"
-                        )
-                    )
+                # written as it arrives: an upload announcing more than it sends (XO's 1 PiB
+                # Content-Length for unknown sizes) keeps its data and fails with VDI_IO_ERROR
                 position = 0
                 while position < length:
                     piece = body.read(min(BLOCK_SIZE, length - position))
+                    if position + len(piece) > data.size:
+                        raise StreamAborted(
+                            XapiError("VDI_IO_ERROR", "the upload is larger than the VDI")
+                        )
                     writer.write_at(position, piece)
                     position += len(piece)
                     request.progress(position / length)
