@@ -328,3 +328,28 @@ def test_create_suspended_vm_is_refused_on_citrix(tmp_path: Path) -> None:
             assert sim_exists(sim, "VM", halted)
         finally:
             driver.close()
+
+
+def test_download_follows_a_redirect_to_the_host_that_sees_the_sr(
+    xapi_sim: Simulator, driver: XapiDriver
+) -> None:
+    from xobackup_hypervisor_xcpng.driver_http import RawCheck, XapiDownload
+
+    member_sr = [
+        r["uuid"]
+        for r in xapi_sim.pool(0).xapi.db.tables["SR"].values()
+        if r["name_label"] == "Local storage"
+    ][-1]
+    vdi = driver.create_disk(sr_uuid=member_sr, name="on a member", virtual_size=4 * MiB)
+    xapi_sim.write(vdi, MiB, b"only on the member" * 100)
+    # asked of the master, which cannot see that SR: XAPI answers 302 to the member (§4.1)
+    stream = XapiDownload(
+        driver.session,
+        "/export_raw_vdi",
+        {"vdi": driver._ref("VDI", vdi), "format": "raw"},
+        what="redirected export",
+        check=RawCheck(4 * MiB),
+    )
+    with stream:
+        data = stream.read()
+    assert data == xapi_sim.read(vdi, 0, 4 * MiB)
