@@ -172,19 +172,23 @@ class _S3Writer(RemoteWriter):
 
     def _new_buffer(self) -> None:
         self._filled = 0
-        self._buffer = bytearray()
         self._spool: BinaryIO | None = None
         if self._part_size > MEMORY_PART_LIMIT:
+            self._buffer = bytearray()
             self._spool = tempfile.TemporaryFile(prefix="xobackup-s3-part-")
+        else:
+            # Filled in place and handed to botocore as is: one copy of the data, not two.
+            self._buffer = bytearray(self._part_size)
 
-    def _take_body(self) -> bytes | BinaryIO:
+    def _take_body(self) -> bytearray | BinaryIO:
         """The filled part as a request body, and a fresh buffer for the next one."""
-        body: bytes | BinaryIO
+        body: bytearray | BinaryIO
         if self._spool is not None:
             self._spool.seek(0)
             body = self._spool
         else:
-            body = bytes(self._buffer)
+            body = self._buffer
+            del body[self._filled :]
         self._new_buffer()
         return body
 
@@ -194,7 +198,7 @@ class _S3Writer(RemoteWriter):
             if self._spool is not None:
                 self._spool.write(piece)
             else:
-                self._buffer += piece
+                self._buffer[self._filled : self._filled + len(piece)] = piece
             self._filled += len(piece)
             data = data[len(piece) :]
             if self._filled >= self._part_size:
@@ -241,7 +245,7 @@ class _S3Writer(RemoteWriter):
         assert self._pool is not None
         self._parts.append(self._pool.submit(self._upload_part, self._part_number, body))
 
-    def _upload_part(self, number: int, body: bytes | BinaryIO) -> dict[str, Any]:
+    def _upload_part(self, number: int, body: bytearray | BinaryIO) -> dict[str, Any]:
         try:
             response = self._remote._call(
                 "write",
@@ -256,7 +260,7 @@ class _S3Writer(RemoteWriter):
             )
             return {"PartNumber": number, "ETag": response["ETag"]}
         finally:
-            if not isinstance(body, bytes):
+            if not isinstance(body, bytearray):
                 body.close()
             self._slots.release()
 
@@ -271,7 +275,7 @@ class _S3Writer(RemoteWriter):
                     lambda c: c.put_object(Bucket=settings.bucket, Key=self._key, Body=body),
                 )
             finally:
-                if not isinstance(body, bytes):
+                if not isinstance(body, bytearray):
                     body.close()
             return
         if self._filled:
@@ -389,7 +393,6 @@ class S3Remote(Remote):
     def __init__(self, settings: S3Settings, *, name: str) -> None:
         self.settings = settings
         self.name = name
-        self._lock_config: bool | None = None
         session = boto3.session.Session(
             aws_access_key_id=settings.access_key,
             aws_secret_access_key=settings.secret_key.reveal() if settings.secret_key else None,
