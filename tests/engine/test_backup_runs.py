@@ -6,10 +6,12 @@ Each test checks what is on the remote and on the pool, and reads the backups ba
 import hashlib
 import json
 
+import pytest
 from xobackup_remote_local import LocalRemote
 
 from xobackup_core.engine.repository import BackupRepository
-from xobackup_core.formats.vhd_chain import open_vhd_chain, remote_disk_opener
+from xobackup_core.formats.vhd_chain import open_vhd_chain
+from xobackup_core.formats.vhd_directory import remote_disk_opener
 
 MiB = 1024 * 1024
 
@@ -99,7 +101,8 @@ def test_delta_backups_chain_and_read_back_bit_exact(harness):
     assert snapshots[0].other_config["xo:backup:deltaChainLength"] == "1"
 
 
-def test_retention_merges_deltas_into_the_next_kept_backup(harness):
+@pytest.mark.parametrize("directories", [False, True], ids=["vhd-files", "vhd-directories"])
+def test_retention_merges_deltas_into_the_next_kept_backup(harness, directories):
     sim = harness.sim
     vm_uuid = next(iter(guest_vms(sim)))
     vdi = vm_disk_uuid(harness, vm_uuid)
@@ -109,7 +112,7 @@ def test_retention_merges_deltas_into_the_next_kept_backup(harness):
                 "mode": "delta",
                 "remotes": ["nas"],
                 "vms": [vm_uuid],
-                "settings": {"exportRetention": 2},
+                "settings": {"exportRetention": 2, "useVhdDirectory": directories},
             }
         }
     )
@@ -125,7 +128,12 @@ def test_retention_merges_deltas_into_the_next_kept_backup(harness):
         [vhd] = backup.vhd_paths.values()
         assert chain_bytes(remote, vhd) == content
     folder = remote.list(f"/xo-vm-backups/{vm_uuid}/vdis/{config.job_id('delta')}/{vdi}")
-    assert len([name for name in folder if name.endswith(".vhd")]) == 2
+    disks = [name for name in folder if name.endswith(".vhd")]
+    assert len(disks) == 2
+    assert all(name.endswith(".alias.vhd") == directories for name in disks)
+    if directories:
+        data = remote.list(f"/xo-vm-backups/{vm_uuid}/vdis/{config.job_id('delta')}/{vdi}/data")
+        assert len(data) == 2, "merged-away directories are removed"
 
 
 def test_smart_selection_and_skip(harness):

@@ -16,7 +16,8 @@ from xobackup_remote_local import LocalRemote
 from tests.engine.conftest import Harness
 from xobackup_core.config import load_config
 from xobackup_core.engine.repository import BackupRepository
-from xobackup_core.formats.vhd_chain import open_vhd_chain, remote_disk_opener
+from xobackup_core.formats.vhd_chain import open_vhd_chain
+from xobackup_core.formats.vhd_directory import remote_disk_opener
 from xobackup_core.formats.xva import is_valid_xva
 
 TRIALS = 20

@@ -6,7 +6,8 @@ import os
 from xobackup_remote_local import LocalRemote
 
 from tests.core.conftest import run_cli
-from xobackup_core.formats.vhd_chain import open_vhd_chain, remote_disk_opener
+from xobackup_core.formats.vhd_chain import open_vhd_chain
+from xobackup_core.formats.vhd_directory import remote_disk_opener
 
 
 def test_demo_runs_the_main_job_inside_its_folder(tmp_path):

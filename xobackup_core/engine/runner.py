@@ -31,16 +31,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xobackup_core.config import Config
+from xobackup_core.engine.disk_sinks import VhdDirectorySink, VhdFileSink
 from xobackup_core.engine.limits import LimitValues, PoolLimiter, shared_limiter
 from xobackup_core.engine.repository import BackupMetadata, BackupRepository, format_timestamp
 from xobackup_core.engine.retention import entries_to_delete, period_tags
 from xobackup_core.engine.streams import Fanout, RateLimiter, Target, describe_error
 from xobackup_core.errors import FormatError, RemoteError, XobackupError
-from xobackup_core.formats.source import RemoteSource
-from xobackup_core.formats.vhd import VhdFile
-from xobackup_core.formats.vhd_merge import merge_vhd_chain, resume_merges
+from xobackup_core.formats.vhd_directory import (
+    is_alias,
+    merge_chain,
+    open_remote_disk,
+    resolve_alias,
+    resume_directory_merges,
+)
+from xobackup_core.formats.vhd_merge import resume_merges
 from xobackup_core.formats.vhd_stream import VhdStreamReader
-from xobackup_core.formats.vhd_structs import build_footer, full_bitmap
 from xobackup_core.formats.vhd_writer import ParentLink, plan_vhd_stream
 from xobackup_core.hypervisor import Disk, HypervisorDriver, Inventory, Vm
 from xobackup_core.logs.recorder import RunRecorder, TaskHandle
@@ -225,6 +230,22 @@ class JobRunner:
                 continue
             targets.append(RemoteTarget(name, remote, BackupRepository(remote)))
         return targets
+
+
+def resume_all_merges(remote: Remote, folder: str) -> None:
+    """Finish interrupted merges in a disk folder: VhdDirectory ones, then VHD-file ones."""
+    resume_directory_merges(remote, folder)
+    resume_merges(remote, folder)
+
+
+def delete_disk(remote: Remote, path: str) -> None:
+    """Delete a VHD file, or a VhdDirectory alias with the directory it points to."""
+    if is_alias(path):
+        try:
+            remote.delete_tree(resolve_alias(remote, path))
+        except (FormatError, RemoteError):
+            pass  # a dangling alias: the data is already gone
+    remote.delete(path, missing_ok=True)
 
 
 class _VmBackup:
@@ -492,15 +513,22 @@ class _VmBackup:
                     )
         return base, ""
 
+    def uses_directories(self, target: RemoteTarget) -> bool:
+        """Delta disks on ``target`` are VhdDirectory: asked for, or the remote cannot modify
+        files in place (object stores), so merges must move block objects instead."""
+        return bool(self.settings["useVhdDirectory"]) or not target.remote.supports_update
+
     def find_vhd(self, target: RemoteTarget, live_vdi: str, vhd_uuid: str) -> str | None:
-        """Path of the VHD of ``vhd_uuid`` in the disk's folder on ``target``, if any."""
+        """Path of the disk ``vhd_uuid`` in the disk's folder on ``target``, if any, and only
+        if it is of the kind this target writes now (XO keeps chains homogeneous, §2.3)."""
         folder = target.repository.vdi_folder(self.vm.uuid, self.job_id, live_vdi)
+        want_alias = self.uses_directories(target)
         for name in sorted(target.remote.list(folder), reverse=True):
-            if not name.endswith(".vhd"):
+            if not name.endswith(".vhd") or is_alias(name) != want_alias:
                 continue
             path = join_path(folder, name)
             try:
-                disk = VhdFile.open(RemoteSource(target.remote, path))
+                disk = open_remote_disk(target.remote, path)
             except (FormatError, RemoteError):
                 continue
             try:
@@ -519,7 +547,7 @@ class _VmBackup:
             for disk in live_disks:
                 folder = target.repository.vdi_folder(self.vm.uuid, self.job_id, disk.vdi_uuid)
                 try:
-                    resume_merges(target.remote, folder)
+                    resume_all_merges(target.remote, folder)
                 except XobackupError as error:
                     self.task.warning(f"an interrupted merge could not be finished: {error}")
         base, reason = self.select_base(live_disks)
@@ -542,11 +570,12 @@ class _VmBackup:
                     snapshot_of=snapshot.suspend_vdi_uuid,
                 )
                 jobs.append((memory, None))
-            sizes = self.export_disks(snapshot, jobs, stamp)
-            metadata_parts = self.delta_metadata(snapshot, base, [d for d, _ in jobs], stamp)
+            sizes, paths = self.export_disks(snapshot, jobs, stamp)
             for target in list(self.targets):
                 metadata = self.base_metadata(timestamp_ms, snapshot)
-                metadata.update(metadata_parts)
+                metadata.update(
+                    self.delta_metadata(snapshot, base, [d for d, _ in jobs], paths[target.key])
+                )
                 metadata["size"] = sizes.get(target.key, 0)
                 try:
                     target.repository.write_metadata(self.vm.uuid, stamp, metadata)
@@ -576,7 +605,7 @@ class _VmBackup:
         self.rotate_snapshots(keep=self.settings["snapshotRetention"], newest=snapshot)
 
     def delta_metadata(
-        self, snapshot: Vm, base: Vm | None, disks: Sequence[Disk], stamp: str
+        self, snapshot: Vm, base: Vm | None, disks: Sequence[Disk], paths: Mapping[str, str]
     ) -> dict[str, Any]:
         """The delta-specific metadata fields, keyed by the snapshot's VDI refs as XO does."""
         devices = self.driver.vm_devices(snapshot.uuid)
@@ -589,14 +618,17 @@ class _VmBackup:
         for disk in disks:
             snap_disk = snapshot_disks.get(disk.vdi_uuid) or disk
             key = ref_of.get(snap_disk.vdi_uuid, snap_disk.vdi_uuid)
-            vhds[key] = f"vdis/{self.job_id}/{disk.vdi_uuid}/{stamp}.vhd"
+            vhds[key] = paths[disk.vdi_uuid]
             base_disk = base_disks.get(disk.vdi_uuid)
             differencing[key] = base_disk is not None
-            record = dict(devices["vdis"].get(key) or {
-                "uuid": snap_disk.vdi_uuid,
-                "name_label": disk.name,
-                "virtual_size": disk.virtual_size,
-            })
+            record = dict(
+                devices["vdis"].get(key)
+                or {
+                    "uuid": snap_disk.vdi_uuid,
+                    "name_label": disk.name,
+                    "virtual_size": disk.virtual_size,
+                }
+            )
             other = dict(record.get("other_config") or {})
             other["$snapshot_of$uuid"] = disk.vdi_uuid
             other["$SR$uuid"] = disk.sr_uuid or snap_disk.sr_uuid
@@ -624,13 +656,17 @@ class _VmBackup:
 
     def export_disks(
         self, snapshot: Vm, jobs: Sequence[tuple[Disk, Vm | None]], stamp: str
-    ) -> dict[str, int]:
-        """Export every (disk, base) to every target, ``diskPerVmConcurrency`` at a time;
-        returns bytes written per target."""
+    ) -> tuple[dict[str, int], dict[str, dict[str, str]]]:
+        """Export every (disk, base) to every target, ``diskPerVmConcurrency`` at a time.
+
+        Returns the bytes written per target, and per target the path of each disk (keyed
+        by live VDI UUID) relative to the VM's folder.
+        """
         snapshot_disks = {d.snapshot_of: d for d in snapshot.disks}
         written: dict[str, int] = {t.key: 0 for t in self.targets}
+        paths: dict[str, dict[str, str]] = {t.key: {} for t in self.targets}
 
-        def export(job: tuple[Disk, Vm | None]) -> dict[str, int]:
+        def export(job: tuple[Disk, Vm | None]) -> tuple[str, dict[str, tuple[int, str]]]:
             disk, base = job
             snap_disk = snapshot_disks.get(disk.vdi_uuid)
             if snap_disk is None and disk.vdi_uuid == snapshot.suspend_vdi_uuid:
@@ -646,18 +682,21 @@ class _VmBackup:
                     base_vdi_uuid=base_disk.vdi_uuid if base_disk else None,
                 )
                 with stream:
-                    return self.write_vhd_to_targets(stream, disk, snap_disk, base_disk, stamp)
+                    stored = self.write_vhd_to_targets(stream, disk, snap_disk, base_disk, stamp)
+                    return disk.vdi_uuid, stored
 
         workers = self.settings["diskPerVmConcurrency"] or len(jobs) or 1
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="disk") as pool:
-            for sizes in pool.map(export, jobs):
-                for key, size in sizes.items():
+            for live_vdi, stored in pool.map(export, jobs):
+                for key, (size, path) in stored.items():
                     written[key] = written.get(key, 0) + size
-        return written
+                    paths.setdefault(key, {})[live_vdi] = path
+        return written, paths
 
     def write_vhd_to_targets(
         self, stream: Any, disk: Disk, snap_disk: Disk, base_disk: Disk | None, stamp: str
-    ) -> dict[str, int]:
+    ) -> dict[str, tuple[int, str]]:
+        """Store one disk export on every target; returns (bytes, path) per target."""
         reader = VhdStreamReader(stream, name=f"export of disk {disk.name}")
         if base_disk is not None and not reader.is_differencing:
             raise FormatError("a delta export came back as a full disk", path=disk.name)
@@ -666,7 +705,7 @@ class _VmBackup:
             raise FormatError("export blocks are not in ascending order", path=disk.name)
         fan_targets = []
         tasks = {}
-        for target in self.targets:
+        for target in list(self.targets):
             folder = target.repository.vdi_folder(self.vm.uuid, self.job_id, disk.vdi_uuid)
             parent = None
             if base_disk is not None:
@@ -677,23 +716,39 @@ class _VmBackup:
                 parent = ParentLink(
                     uuid=uuidlib.UUID(base_disk.vdi_uuid), name=posixpath.basename(parent_path)
                 )
-            layout = plan_vhd_stream(
-                reader.size, allocated, parent=parent, uuid=uuidlib.UUID(snap_disk.vdi_uuid)
-            )
             tasks[target.key] = self.recorder.task(
                 "export",
                 {"type": "remote", "id": target.key, "isFull": parent is None, "disk": disk.name},
                 parent=self.task,
             )
-            writer = target.remote.open_write(join_path(folder, f"{stamp}.vhd"))
-            writer.write(layout.metadata)
+            try:
+                sink: VhdFileSink | VhdDirectorySink
+                if self.uses_directories(target):
+                    sink = VhdDirectorySink(
+                        target.remote,
+                        folder,
+                        stamp,
+                        size=reader.size,
+                        uuid=uuidlib.UUID(snap_disk.vdi_uuid),
+                        parent=parent,
+                        compression=self.settings["vhdDirectoryCompression"],
+                    )
+                else:
+                    layout = plan_vhd_stream(
+                        reader.size, allocated, parent=parent, uuid=uuidlib.UUID(snap_disk.vdi_uuid)
+                    )
+                    sink = VhdFileSink(target.remote, folder, stamp, layout)
+            except XobackupError as error:
+                tasks.pop(target.key).fail(describe_error(error))
+                self.drop_target(target.key, error, "transfer")
+                continue
             fan_targets.append(
                 Target(
                     target.key,
-                    writer.write,
-                    writer.commit,
-                    writer.abort,
-                    data={"layout": layout, "writer": writer},
+                    lambda item, s=sink: s.put(*item),
+                    sink.finish,
+                    sink.abort,
+                    data={"sink": sink, "folder": folder},
                 )
             )
 
@@ -701,31 +756,29 @@ class _VmBackup:
             self.drop_target(t.name, t.error or RuntimeError("failed"), "transfer")
 
         fanout = Fanout(fan_targets, dropped)
-        bitmap = full_bitmap(reader.header.block_size)
         try:
-            for _index, data in reader.blocks():
+            for index, data in reader.blocks():
                 self.rate.consume(len(data))
-                if not fanout.write(bitmap) or not fanout.write(data):
+                if not fanout.write((index, data), size=len(data)):
                     break
-            for fan_target in fanout.live:
-                fan_target.write(build_footer(fan_target.data["layout"].footer))
             fanout.finish()
         except Exception as error:
             fanout.abort(error)
             self._fail_tasks(tasks, describe_error(error))
             raise
-        sizes = {}
+        results: dict[str, tuple[int, str]] = {}
+        vm_folder = BackupRepository.vm_folder(self.vm.uuid)
         for fan_target in fan_targets:
             handle = tasks[fan_target.name]
             if fan_target.error is None:
-                size = fan_target.data["layout"].stream_size
-                handle.finish(size=size)
-                sizes[fan_target.name] = size
+                sink = fan_target.data["sink"]
+                handle.finish(size=sink.size)
+                results[fan_target.name] = (sink.size, posixpath.relpath(sink.path, vm_folder))
             else:
                 handle.fail(describe_error(fan_target.error))
-        if not sizes:
+        if not results:
             raise XobackupError("all targets have failed")
-        return sizes
+        return results
 
     # -- retention ---------------------------------------------------------------------------
     def apply_retention(self, mode: str, reserve: int = 0) -> None:
@@ -777,14 +830,14 @@ class _VmBackup:
         jobs_folder = join_path(target.repository.vm_folder(self.vm.uuid), "vdis", self.job_id)
         for vdi_uuid in target.remote.list(jobs_folder):
             folder = join_path(jobs_folder, vdi_uuid)
-            resume_merges(target.remote, folder)
+            resume_all_merges(target.remote, folder)
             disks: dict[str, tuple[str, str | None]] = {}  # path -> (uuid, parent uuid)
             for name in target.remote.list(folder):
                 if not name.endswith(".vhd"):
                     continue
                 path = join_path(folder, name)
                 try:
-                    disk = VhdFile.open(RemoteSource(target.remote, path))
+                    disk = open_remote_disk(target.remote, path)
                 except (FormatError, RemoteError):
                     continue
                 try:
@@ -808,7 +861,7 @@ class _VmBackup:
                     run.append(child_of[run[-1]])
                 if run[-1] in referenced and len(run) > 1:
                     with self.recorder.task("merge", {"disk": vdi_uuid}, parent=self.task) as step:
-                        result = merge_vhd_chain(target.remote, run)
+                        result = merge_chain(target.remote, run)
                         step.set_result(size=result.merged_bytes)
                     merged_uuid = disks[run[-1]][0]
                     for gone in run:
@@ -817,7 +870,7 @@ class _VmBackup:
                     self.mark_not_differencing(target, result.path)
                 elif run[-1] not in referenced:
                     for gone in run:
-                        target.remote.delete(gone, missing_ok=True)
+                        delete_disk(target.remote, gone)
                         disks.pop(gone, None)
 
     def mark_not_differencing(self, target: RemoteTarget, vhd_path: str) -> None:

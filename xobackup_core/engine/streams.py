@@ -75,12 +75,13 @@ class Fanout:
             pass
         self._on_drop(target)
 
-    def write(self, chunk: bytes | memoryview) -> bool:
-        """Give ``chunk`` to every live target; False once none is left."""
+    def write(self, chunk: Any, size: int | None = None) -> bool:
+        """Give ``chunk`` (bytes, or any item the targets take, of ``size`` bytes) to every
+        live target; False once none is left."""
         for target in self.live:
             try:
                 target.write(chunk)
-                target.written += len(chunk)
+                target.written += len(chunk) if size is None else size
             except Exception as error:
                 self._drop(target, error)
         return bool(self.live)
