@@ -389,6 +389,8 @@ class S3Remote(Remote):
     """
 
     supports_update = False
+    list_page_size = 1000
+    """Keys per listing request (S3's maximum; smaller only to exercise pagination)."""
 
     def __init__(self, settings: S3Settings, *, name: str) -> None:
         self.settings = settings
@@ -652,7 +654,11 @@ class S3Remote(Remote):
     # -- namespace ---------------------------------------------------------------------------
     def _paginate(self, operation: str, path: str, **arguments: Any) -> Iterator[dict[str, Any]]:
         paginator = self._client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.settings.bucket, **arguments)
+        pages = paginator.paginate(
+            Bucket=self.settings.bucket,
+            PaginationConfig={"PageSize": self.list_page_size},
+            **arguments,
+        )
         iterator = iter(pages)
         while True:
             try:

@@ -245,3 +245,20 @@ def test_size_hint_and_spooled_parts(moto_server):
     head = s3.head_object(Bucket=bucket, Key="backups/hinted.bin", PartNumber=1)
     assert head["PartsCount"] == 3 and head["ContentLength"] == 7 * MiB
     assert s3.get_object(Bucket=bucket, Key="backups/hinted.bin")["Body"].read() == hinted
+
+
+def test_listing_and_delete_tree_across_pages(moto_server, monkeypatch):
+    import xobackup_remote_s3.remote as s3_module
+
+    monkeypatch.setattr(s3_module, "DELETE_BATCH", 3)
+    with open_remote(moto_server, make_bucket(moto_server)) as remote:
+        remote.list_page_size = 2
+        names = [f"{n:02d}.vhd" for n in range(7)]
+        for name in names:
+            remote.write_bytes(f"/vm/disks/{name}", b"d")
+        remote.write_bytes("/vm/a/x.json", b"x")
+        remote.write_bytes("/vm/b/y.json", b"y")
+        assert remote.list("/vm/disks") == names
+        assert remote.list("/vm") == ["a", "b", "disks"]
+        remote.delete_tree("/vm")
+        assert remote.list("/") == []
