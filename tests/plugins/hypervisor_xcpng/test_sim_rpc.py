@@ -158,6 +158,14 @@ def test_member_answers_host_is_slave_with_master_address(xapi_sim):
     assert addresses[0] == "127.0.0.1" and len(addresses) == 2
     pool_record = next(iter(master.xenapi.pool.get_all_records().values()))
     assert hosts[pool_record["master"]]["address"] == "127.0.0.1"
+    # each host has a management PIF on the pool network and a VLAN PIF
+    pifs = master.xenapi.PIF.get_all_records().values()
+    assert sorted((p["device"], p["VLAN"]) for p in pifs) == [
+        ("eth0", "-1"),
+        ("eth0", "-1"),
+        ("eth1", "100"),
+        ("eth1", "100"),
+    ]
 
 
 def test_logout_invalidates_the_session_and_bad_password_fails(xapi_sim):

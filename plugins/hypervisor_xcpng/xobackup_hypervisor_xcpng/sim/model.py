@@ -250,6 +250,43 @@ def _pbd() -> dict[str, Any]:
     }
 
 
+def _pif() -> dict[str, Any]:
+    return {
+        "uuid": "",
+        "device": "eth0",
+        "network": NULL_REF,
+        "host": NULL_REF,
+        "MAC": "",
+        "MTU": 1500,
+        "VLAN": -1,
+        "metrics": NULL_REF,
+        "physical": True,
+        "currently_attached": True,
+        "ip_configuration_mode": "DHCP",
+        "IP": "",
+        "netmask": "",
+        "gateway": "",
+        "DNS": "",
+        "bond_slave_of": NULL_REF,
+        "bond_master_of": [],
+        "VLAN_master_of": NULL_REF,
+        "VLAN_slave_of": [],
+        "management": False,
+        "other_config": {},
+        "disallow_unplug": False,
+        "tunnel_access_PIF_of": [],
+        "tunnel_transport_PIF_of": [],
+        "ipv6_configuration_mode": "None",
+        "IPv6": [],
+        "ipv6_gateway": "",
+        "primary_address_type": "IPv4",
+        "managed": True,
+        "properties": {},
+        "capabilities": [],
+        "igmp_snooping_status": "unknown",
+    }
+
+
 def _network() -> dict[str, Any]:
     return {
         "uuid": "",
@@ -437,6 +474,7 @@ DEFAULTS = {
     "SR": _sr,
     "PBD": _pbd,
     "network": _network,
+    "PIF": _pif,
     "VM": _vm,
     "VBD": _vbd,
     "VDI": _vdi,
@@ -459,6 +497,7 @@ WRITABLE: dict[str, set[str]] = {
     "host": _COMMON_WRITABLE | {"enabled"},
     "SR": _COMMON_WRITABLE | {"sm_config", "shared", "physical_size"},
     "PBD": {"other_config"},
+    "PIF": {"other_config"},
     "network": _COMMON_WRITABLE | {"MTU", "purpose"},
     "VM": _COMMON_WRITABLE
     | {

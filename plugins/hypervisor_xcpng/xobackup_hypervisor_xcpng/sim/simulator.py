@@ -285,6 +285,28 @@ class Simulator:
                 },
             )
             db.update("host", host, control_domain=dom0, resident_VMs=[dom0])
+        vlan_network = db.create(
+            "network",
+            {"uuid": self._uuid(rng), "name_label": "VLAN 100 (backups)", "bridge": "xapi1"},
+        )
+        for h, host in enumerate(hosts):
+            for device, net, vlan in (("eth0", network, -1), ("eth1", vlan_network, 100)):
+                pif = db.create(
+                    "PIF",
+                    {
+                        "uuid": self._uuid(rng),
+                        "device": device,
+                        "network": net,
+                        "host": host,
+                        "VLAN": vlan,
+                        "physical": vlan == -1,
+                        "management": device == "eth0",
+                        "IP": f"127.0.0.{h + 1}" if device == "eth0" else "",
+                        "MAC": f"02:00:00:00:{index:02x}:{h:02x}",
+                    },
+                )
+                db.add_to_set("network", net, "PIFs", pif)
+                db.add_to_set("host", host, "PIFs", pif)
         db.update("pool", pool_ref, master=hosts[0])
         shared = self._sr(db, rng, "Shared storage", "nfs", hosts, shared=True)
         self._sr(db, rng, "ISOs", "iso", hosts, shared=True, content_type="iso")
