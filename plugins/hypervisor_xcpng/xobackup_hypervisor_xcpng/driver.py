@@ -200,6 +200,10 @@ class XapiDriver(HypervisorDriver):
         self._pool: dict[str, Any] | None = None
         self._flavour: str | None = None
         self.session.login()
+        # the pool's hosts, to find the master again if it goes away (§1.4)
+        self.session.host_addresses = [
+            self.call("host.get_address", host) for host in self.call("host.get_all")
+        ]
 
     # -- basics ---------------------------------------------------------------------------------
     def call(self, method: str, *args: Any) -> Any:

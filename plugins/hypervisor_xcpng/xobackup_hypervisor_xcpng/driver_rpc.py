@@ -60,8 +60,10 @@ class XapiConnectionError(HypervisorError):
 
     transient = True
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, refused: bool = False) -> None:
         super().__init__(message, code=None)
+        self.refused = refused
+        """Nothing listens there: the request was never delivered (safe to send elsewhere)."""
 
 
 class XapiTimeoutError(XapiConnectionError):
@@ -250,7 +252,10 @@ def describe_os_error(error: BaseException, endpoint: Endpoint, timeout: float) 
         return XapiConnectionError(f"{endpoint}: the host closed the connection without an answer")
     if isinstance(error, (http.client.HTTPException, OSError)):
         detail = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        return XapiConnectionError(f"{endpoint}: connection failed: {detail}")
+        return XapiConnectionError(
+            f"{endpoint}: connection failed: {detail}",
+            refused=isinstance(error, ConnectionRefusedError),
+        )
     return XapiConnectionError(f"{endpoint}: {type(error).__name__}: {error}")
 
 
@@ -386,6 +391,7 @@ class XapiSession:
         redirects = 0
         attempt = 0
         stale_retry = True
+        failed_over = False
         while True:
             generation = self._generation
             try:
@@ -406,6 +412,12 @@ class XapiSession:
                     continue
                 raise self.error(method, failure) from None
             except XapiConnectionError as error:
+                if error.refused and not failed_over and self.host_addresses:
+                    # the master is gone: another pool host names the new one (§1.4); the
+                    # call never reached anyone, so it is sent again whatever it does
+                    failed_over = True
+                    self._relogin(generation)
+                    continue
                 if isinstance(error, XapiTimeoutError) or not _idempotent(method):
                     raise
                 if stale_retry:

@@ -306,3 +306,18 @@ def _shared_sr(sim: Simulator) -> str:
         for r in sim.pool(0).xapi.db.tables["SR"].values()
         if r["name_label"] == "Shared storage"
     )
+
+
+def test_master_gone_the_driver_finds_the_new_one(xapi_sim: Simulator, driver: XapiDriver) -> None:
+    pool = xapi_sim.pool(0)
+    db = pool.xapi.db
+    old_master, new_master = list(db.tables["host"])[:2]
+    pool.listeners[0].stop()  # the master's XAPI dies...
+    db.update("pool", pool.xapi.pool_ref, master=new_master)  # ...and a member takes over
+    vm = running_vm(xapi_sim)
+    snapshot = driver.snapshot(vm, "after failover")  # not repeatable, yet never delivered
+    assert sim_record(xapi_sim, "VM", snapshot.uuid)["is_a_snapshot"]
+    assert driver.session.endpoint.host == db.record("host", new_master)["address"]
+    assert driver.session.endpoint.host != db.record("host", old_master)["address"] or (
+        driver.session.endpoint.port != int(pool.url.rsplit(":", 1)[1])
+    )
