@@ -18,7 +18,12 @@ from xobackup_restore_files.browse import (
     parse_backup_ref,
     select_volume,
 )
-from xobackup_restore_files.extract import extract_to_folder, extract_to_tar, extract_to_zip
+from xobackup_restore_files.extract import (
+    extract_to_folder,
+    extract_to_tar,
+    extract_to_zip,
+    read_guest,
+)
 from xobackup_restore_files.readers import DIRECTORY, FILE, SYMLINK, Node, builtin_readers
 
 _KIND_LETTER = {DIRECTORY: "d", FILE: "-", SYMLINK: "l"}
@@ -133,10 +138,10 @@ def ls_command(
                 )
             return
         filesystem = select_volume(volumes, partition).open_filesystem()
-        node = filesystem.get(path)
-        entries = (
-            sorted(node.children(), key=lambda n: n.name) if node.kind == DIRECTORY else [node]
-        )
+        node = read_guest(path, lambda: filesystem.get(path))
+        entries = [node]
+        if node.kind == DIRECTORY:
+            entries = read_guest(path, lambda: sorted(node.children(), key=lambda n: n.name))
         if as_json:
             click.echo(json.dumps([_node_row(n) for n in entries], indent=2, ensure_ascii=False))
             return
@@ -184,7 +189,7 @@ def get_command(
     browser, remote = _open(app, backup)
     with remote, browser:
         filesystem = select_volume(browser.volumes(disk), partition).open_filesystem()
-        items = [(path, filesystem.get(path)) for path in paths]
+        items = [(path, read_guest(path, lambda p=path: filesystem.get(p))) for path in paths]
         if folder:
             count, size = extract_to_folder(items, folder, overwrite=overwrite, warn=warn)
         elif tar_path:

@@ -26,13 +26,31 @@ import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
-from xobackup_core.errors import UsageError
+from xobackup_core.errors import FormatError, UsageError, XobackupError
 from xobackup_restore_files.readers import DIRECTORY, FILE, SYMLINK, Node
 
 COPY_CHUNK = 1 << 20
+T = TypeVar("T")
 Warn = Callable[[str], None]
+
+
+class OutputError(XobackupError):
+    """Writing the restored files failed (target full, read-only, permission denied)."""
+
+
+def read_guest(what: str, read: Callable[[], T]) -> T:
+    """Call ``read`` (a parser reading guest data); its failures become FormatError.
+
+    The parsers raise whatever their code hits on damaged data (struct errors, KeyError,
+    their own exceptions): they all mean "this filesystem cannot be read here"."""
+    try:
+        return read()
+    except XobackupError:
+        raise
+    except Exception as error:
+        raise FormatError(f"cannot read {what}: {type(error).__name__}: {error}") from None
 
 
 def safe_name(name: str) -> str | None:
@@ -61,32 +79,51 @@ def _timestamp(node: Node) -> float | None:
         return None
 
 
-def walk(
-    node: Node, name: str, warn: Warn, visiting: set[int] | None = None
-) -> Iterator[tuple[str, Node]]:
+MAX_DEPTH = 1024
+"""Deeper folders mean a loop in a damaged filesystem (Linux paths stop at 4096 bytes)."""
+
+
+def _children(node: Node, name: str) -> Iterator[Node]:
+    return iter(read_guest(f"the folder {name}", lambda: list(node.children())))
+
+
+def walk(node: Node, name: str, warn: Warn) -> Iterator[tuple[str, Node]]:
     """``(relative path, node)`` for ``node`` (under ``name``) and, for a directory, everything
-    below it, parents first. Skipped names are reported through ``warn``."""
+    below it, parents first. Skipped names are reported through ``warn``. Iterative, with a
+    depth bound, so a directory loop in a damaged filesystem ends with a FormatError."""
     yield name, node
     if node.kind != DIRECTORY:
         return
-    for child in node.children():
+    stack = [(name, _children(node, name))]
+    while stack:
+        parent, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            continue
         child_name = safe_name(child.name)
         if child_name is None:
-            warn(f"skipped an entry named {child.name!r} in {name}")
+            warn(f"skipped an entry named {child.name!r} in {parent}")
             continue
-        yield from walk(child, f"{name}/{child_name}", warn)
+        path = f"{parent}/{child_name}"
+        yield path, child
+        if child.kind == DIRECTORY:
+            if len(stack) >= MAX_DEPTH:
+                raise FormatError(f"folders nested deeper than {MAX_DEPTH} at {path}: a loop?")
+            stack.append((path, _children(child, path)))
 
 
-def _copy(source: BinaryIO, write: Callable[[bytes], object], size: int) -> int:
+def _copy(node: Node, what: str, write: Callable[[bytes], object]) -> int:
+    source = read_guest(what, node.open)
     copied = 0
     while True:
-        chunk = source.read(COPY_CHUNK)
+        chunk = read_guest(what, lambda: source.read(COPY_CHUNK))
         if not chunk:
             break
         write(chunk)
         copied += len(chunk)
-    if copied != size:
-        raise UsageError(f"read {copied} bytes where the filesystem says {size}")
+    if copied != node.size:
+        raise FormatError(f"{what}: read {copied} bytes where the filesystem says {node.size}")
     return copied
 
 
@@ -165,48 +202,61 @@ class FolderWriter:
         )
 
     def write(self, relative: str, node: Node) -> None:
-        fd, name = self._open_parent(relative)
+        """Create ``relative`` (a folder, a file with its content, or a symlink)."""
         try:
-            existing = self._exists(name, fd)
-            if node.kind == DIRECTORY:
-                if existing is not None and stat.S_ISDIR(existing.st_mode):
-                    return
-                if existing is not None:
-                    if not self.overwrite:
-                        self._refuse(relative)
-                    os.unlink(name, dir_fd=fd)
-                os.mkdir(name, 0o755, dir_fd=fd)
+            fd, name = self._open_parent(relative)
+        except OSError as error:
+            raise self._output_error(relative, error) from None
+        try:
+            self._write(fd, name, relative, node)
+        except OSError as error:
+            raise self._output_error(relative, error) from None
+        finally:
+            os.close(fd)
+
+    def _output_error(self, relative: str, error: OSError) -> OutputError:
+        detail = error.strerror or str(error)
+        return OutputError(f"cannot write {os.path.join(self.root, relative)}: {detail}")
+
+    def _write(self, fd: int, name: str, relative: str, node: Node) -> None:
+        existing = self._exists(name, fd)
+        if node.kind == DIRECTORY:
+            if existing is not None and stat.S_ISDIR(existing.st_mode):
                 return
             if existing is not None:
                 if not self.overwrite:
                     self._refuse(relative)
-                if stat.S_ISDIR(existing.st_mode):
-                    raise UsageError(
-                        f"{os.path.join(self.root, relative)} is a folder; not replaced by a file"
-                    )
-            temp = f".{name[:200]}.restore-{secrets.token_hex(4)}"
-            if node.kind == SYMLINK:
-                os.symlink(node.link_target or "", temp, dir_fd=fd)
-            elif node.kind == FILE:
-                self._write_file(fd, temp, node)
-            else:
-                self.warn(f"skipped {relative}: not a file, folder or symlink")
-                return
-            os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
-            stamp = _timestamp(node)
-            if stamp is not None:
-                with contextlib.suppress(OSError):
-                    os.utime(name, (stamp, stamp), dir_fd=fd, follow_symlinks=False)
-            self.files += 1
-        finally:
-            os.close(fd)
+                os.unlink(name, dir_fd=fd)
+            os.mkdir(name, 0o755, dir_fd=fd)
+            return
+        if existing is not None:
+            if not self.overwrite:
+                self._refuse(relative)
+            if stat.S_ISDIR(existing.st_mode):
+                raise UsageError(
+                    f"{os.path.join(self.root, relative)} is a folder; not replaced by a file"
+                )
+        temp = f".{name[:200]}.restore-{secrets.token_hex(4)}"
+        if node.kind == SYMLINK:
+            os.symlink(node.link_target or "", temp, dir_fd=fd)
+        elif node.kind == FILE:
+            self._write_file(fd, temp, relative, node)
+        else:
+            self.warn(f"skipped {relative}: not a file, folder or symlink")
+            return
+        os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        stamp = _timestamp(node)
+        if stamp is not None:
+            with contextlib.suppress(OSError):
+                os.utime(name, (stamp, stamp), dir_fd=fd, follow_symlinks=False)
+        self.files += 1
 
-    def _write_file(self, fd: int, temp: str, node: Node) -> None:
+    def _write_file(self, fd: int, temp: str, relative: str, node: Node) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         out_fd = os.open(temp, flags, 0o644, dir_fd=fd)
         try:
             with os.fdopen(out_fd, "wb", closefd=False) as out:
-                self.bytes += _copy(node.open(), out.write, node.size)
+                self.bytes += _copy(node, relative, out.write)
         except BaseException:
             os.close(out_fd)
             with contextlib.suppress(OSError):
@@ -235,7 +285,10 @@ def extract_to_folder(
 
     Returns (entries written, bytes of file data).
     """
-    writer = FolderWriter(folder, overwrite=overwrite, warn=warn)
+    try:
+        writer = FolderWriter(folder, overwrite=overwrite, warn=warn)
+    except OSError as error:
+        raise OutputError(f"cannot write into {folder}: {error.strerror or error}") from None
     try:
         folders = []
         for relative, entry in walk_all(items, warn):
@@ -249,13 +302,25 @@ def extract_to_folder(
 
 
 # -- archives ----------------------------------------------------------------------------------
-def _open_output(path: str, overwrite: bool) -> BinaryIO:
+@contextlib.contextmanager
+def _archive_output(path: str, overwrite: bool) -> Iterator[BinaryIO]:
+    """The archive file; removed again when writing it fails, so no truncated archive stays."""
     try:
-        return open(path, "wb" if overwrite else "xb")
+        output = open(path, "wb" if overwrite else "xb")
     except FileExistsError:
         raise UsageError(f"{path} already exists; pass --overwrite to replace it") from None
     except OSError as error:
-        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+        raise OutputError(f"cannot write {path}: {error.strerror}") from None
+    try:
+        yield output
+        output.close()
+    except BaseException as error:
+        output.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if isinstance(error, OSError):
+            raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+        raise
 
 
 def extract_to_tar(
@@ -266,7 +331,7 @@ def extract_to_tar(
     entries = 0
     total = 0
     with (
-        _open_output(path, overwrite) as output,
+        _archive_output(path, overwrite) as output,
         tarfile.open(fileobj=output, mode=mode, format=tarfile.PAX_FORMAT) as archive,
     ):
         for relative, entry in walk_all(items, warn):
@@ -287,7 +352,7 @@ def extract_to_tar(
             elif entry.kind == FILE:
                 info.size = entry.size
                 info.mode = 0o644
-                archive.addfile(info, _SizedReader(entry.open(), entry.size))
+                archive.addfile(info, _SizedReader(entry, relative))
                 total += entry.size
             else:
                 warn(f"skipped {relative}: not a file, folder or symlink")
@@ -299,16 +364,17 @@ def extract_to_tar(
 class _SizedReader:
     """Gives tarfile exactly ``size`` bytes, failing loudly if the source is short."""
 
-    def __init__(self, source: BinaryIO, size: int) -> None:
-        self._source = source
-        self._left = size
+    def __init__(self, node: Node, what: str) -> None:
+        self._source: BinaryIO = read_guest(what, node.open)
+        self._left = node.size
+        self._what = what
 
     def read(self, length: int = -1) -> bytes:
         if length < 0 or length > self._left:
             length = self._left
-        data = self._source.read(length)
+        data = read_guest(self._what, lambda: self._source.read(length))
         if len(data) < length:
-            raise UsageError("a file ended before the size its filesystem records")
+            raise FormatError(f"{self._what} ends before the size its filesystem records")
         self._left -= len(data)
         return data
 
@@ -320,7 +386,7 @@ def extract_to_zip(
     entries = 0
     total = 0
     with (
-        _open_output(path, overwrite) as output,
+        _archive_output(path, overwrite) as output,
         zipfile.ZipFile(output, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive,
     ):
         for relative, entry in walk_all(items, warn):
@@ -351,7 +417,7 @@ def extract_to_zip(
                 info.external_attr = (stat.S_IFREG | 0o644) << 16
                 info.compress_type = zipfile.ZIP_DEFLATED
                 with archive.open(info, "w", force_zip64=entry.size >= (1 << 31)) as out:
-                    total += _copy(entry.open(), out.write, entry.size)
+                    total += _copy(entry, relative, out.write)
             else:
                 warn(f"skipped {relative}: not a file, folder or symlink")
                 continue

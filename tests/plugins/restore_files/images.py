@@ -21,6 +21,11 @@ from xobackup_remote_local import LocalRemote
 
 from tests.conftest import require, require_tool
 from xobackup_core.engine.repository import BackupRepository, format_timestamp
+from xobackup_core.formats.vhd_directory import (
+    ALIAS_SUFFIX,
+    new_vhd_metadata,
+    write_vhd_directory_backup,
+)
 from xobackup_core.formats.vhd_structs import DEFAULT_BLOCK_SIZE
 from xobackup_core.formats.vhd_writer import ParentLink, sparse_file_blocks, write_vhd_stream
 
@@ -391,8 +396,12 @@ def changed_blocks(old: Path, new: Path, size: int) -> dict[int, bytes]:
 class BackupWriter:
     """Writes one VM's disk chains and metadata JSON on a local remote, XO layout."""
 
-    def __init__(self, remote: LocalRemote, vm_uuid: str | None = None) -> None:
+    def __init__(
+        self, remote: LocalRemote, vm_uuid: str | None = None, *, directory: bool = False
+    ) -> None:
         self.remote = remote
+        self.directory = directory
+        """True: VhdDirectory disks behind alias files (brotli chunks), as on object stores."""
         self.repository = BackupRepository(remote)
         self.vm_uuid = vm_uuid or str(uuidlib.uuid4())
         self.timestamp_ms = 1_785_556_800_000  # 2026-08-01T04:00:00Z
@@ -403,6 +412,8 @@ class BackupWriter:
 
     def write_link(self, vdi: str, size: int, blocks: dict[int, bytes], stamp: str) -> str:
         """One VHD of ``vdi``'s chain (a full for the first, then differencing)."""
+        if self.directory:
+            return self._write_directory_link(vdi, size, blocks, stamp)
         relative = f"{self._folder(vdi)}/{stamp}.vhd"
         parent = None
         if vdi in self.tips:
@@ -422,6 +433,29 @@ class BackupWriter:
             )
         self.tips[vdi] = (disk_uuid, f"{stamp}.vhd")
         return relative
+
+    def _write_directory_link(
+        self, vdi: str, size: int, blocks: dict[int, bytes], stamp: str
+    ) -> str:
+        parent = None
+        if vdi in self.tips:
+            parent = ParentLink(*self.tips[vdi])
+        disk_uuid = uuidlib.uuid4()
+        footer, header, locators = new_vhd_metadata(size, parent=parent, uuid=disk_uuid)
+        folder = f"{self.repository.vm_folder(self.vm_uuid)}/{self._folder(vdi)}"
+        write_vhd_directory_backup(
+            self.remote,
+            folder,
+            stamp,
+            footer,
+            header,
+            sorted(blocks.items()),
+            compression="brotli",
+            parent_locators=locators,
+        )
+        # Parent names in a VhdDirectory chain are paths between alias files.
+        self.tips[vdi] = (disk_uuid, f"{stamp}{ALIAS_SUFFIX}")
+        return f"{self._folder(vdi)}/{stamp}{ALIAS_SUFFIX}"
 
     def next_stamp(self) -> str:
         self.timestamp_ms += 3_600_000

@@ -126,7 +126,7 @@ def gpt_backups(work, trees, remote):
     size = max(disk_size(s) for s in states)
     writer = BackupWriter(remote)
     paths = backup_disk_states(writer, "b0000000-0000-4000-8000-000000000002", states, size)
-    return {"paths": paths, "vm": writer.vm_uuid}
+    return {"paths": paths, "vm": writer.vm_uuid, "states": states, "size": size}
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -478,3 +478,18 @@ def test_disk_stream_reads_like_the_image(work, trees):
     assert stream.read() == raw[-10:]
     volumes = list_volumes(DiskStream(Device()), builtin_readers())
     assert [(v.id, v.filesystem) for v in volumes] == [(WHOLE_DISK, "ext")]
+
+
+def test_vhd_directory_chain_with_aliases(remote, remote_url, gpt_backups, trees, work):
+    """The same GPT disk stored as VhdDirectory disks (brotli chunks) behind alias files, the
+    layout of object-store remotes: the chain is followed through the aliases."""
+    writer = BackupWriter(remote, directory=True)
+    paths = backup_disk_states(
+        writer, "e0000000-0000-4000-8000-000000000005", gpt_backups["states"], gpt_backups["size"]
+    )
+    vm_folder = remote.real_path(f"/xo-vm-backups/{writer.vm_uuid}")
+    aliases = sorted(Path(vm_folder).rglob("*.alias.vhd"))
+    assert len(aliases) == 2
+    target = work / "out-directory"
+    extract(remote_url, paths[-1], "0", "vgflr/data", target, "/")
+    assert snapshot(target) == snapshot(trees["v2"])
