@@ -170,3 +170,10 @@ def test_update_vm_bookkeeping(xapi_sim: Simulator, driver: XapiDriver) -> None:
     assert after["ha_restart_priority"] == "restart"
     with pytest.raises(HypervisorError, match="ha_restart_priority"):
         driver.update_vm(vm, ha_restart_priority="always")
+
+
+def test_task_progress_reaches_the_caller(xapi_sim: Simulator, driver: XapiDriver) -> None:
+    seen: list[float] = []
+    driver.snapshot(running_vm(xapi_sim), "with progress", progress=seen.append)
+    assert seen and seen[-1] == 1.0
+    assert seen == sorted(seen)
