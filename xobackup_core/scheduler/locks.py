@@ -23,11 +23,12 @@ contract only offers atomic *replace*, so the primitive depends on what the remo
    contenders can both win only if their check-then-write windows overlap within the settle
    delay; this is documented as best-effort (docs/daemon.md).
 
-An expired lock is taken over by renaming it to a unique name and checking that what was
-renamed is the expired lock that was read; if a fresh lock was renamed instead (another
-contender won in between), it is put back. The heartbeat reads the lock before each refresh:
-when the token is no longer ours the lock was lost (expired and taken over after a stall
-longer than ``ttl``), :attr:`VmLock.lost` becomes true and :meth:`VmLock.check` raises.
+An expired lock is deleted under a short-lived guard file (``.<vm uuid>.lock.takeover``,
+created the same exclusive way) after reading it again, so a fresh lock taken in between is
+never removed; then the contenders race for it with the exclusive create. The heartbeat
+reads the lock before each refresh: when the token is no longer ours the lock was lost
+(expired and taken over after a stall longer than ``ttl``), :attr:`VmLock.lost` becomes
+true and :meth:`VmLock.check` raises.
 
 Compatibility with Xen Orchestra: XO locks the same VM with proper-lockfile, which creates a
 *folder* at this very path (``xo-vm-backups/<vm uuid>.lock``). Each tool therefore sees the
@@ -64,6 +65,8 @@ DEFAULT_TTL = 120.0
 """Seconds a lock lives without a heartbeat."""
 SETTLE_DELAY = 1.0
 """Seconds the best-effort protocol waits before reading its claim back."""
+TAKEOVER_TTL = 30.0
+"""Seconds after which the guard of a takeover left by a crashed process is ignored."""
 
 
 def lock_path(vm_uuid: str) -> str:
@@ -108,6 +111,10 @@ class LockInfo:
             f"locked by {self.owner} (pid {self.pid} on {self.host}) since "
             f"{_iso(self.acquired)}, expires {_iso(self.expires)}"
         )
+
+
+_CONTENDED = LockInfo("", 0, "", "", 0.0, 0.0)
+"""Stands for "taken and released by others while we looked": no holder to name."""
 
 
 class VmLockedError(XobackupError):
@@ -259,48 +266,69 @@ class VmLock:
         )
 
     def _try_once(self) -> LockInfo | None:
-        """Take the lock if free or expired; the current holder's info if not."""
-        info = self._new_info()
-        if create_exclusive(self.remote, self.path, info.to_bytes(), self.token):
-            self.info = info
-            return None
-        current = self.read()
-        if current is None:
-            return self._try_once_again()
-        if current.expires > self.clock():
-            return current
-        self._take_over(current)
-        return self._try_once_again()
-
-    def _try_once_again(self) -> LockInfo | None:
-        info = self._new_info()
-        if create_exclusive(self.remote, self.path, info.to_bytes(), self.token):
-            self.info = info
-            return None
-        return self.read() or info  # raced again: report whoever holds it now
+        """Take the lock if free or expired: None when taken, else the holder's info (the
+        last one seen while others were contending for it)."""
+        seen: LockInfo | None = None
+        for _attempt in range(3):
+            info = self._new_info()
+            if create_exclusive(self.remote, self.path, info.to_bytes(), self.token):
+                self.info = info
+                return None
+            current = self.read()
+            if current is None:
+                continue  # released between our attempt and our look: try again
+            seen = current
+            if current.expires > self.clock():
+                return current
+            self._take_over(current)
+        return seen or _CONTENDED
 
     def _take_over(self, expired: LockInfo) -> None:
-        """Move an expired lock out of the way, and only that lock."""
-        aside = join_path(LOCK_FOLDER, f".{self.vm_uuid}.lock.expired-{secrets.token_hex(6)}")
+        """Delete an expired lock, and only that lock.
+
+        Deleting after a read could remove a lock taken in between, so the read-and-delete
+        happens under a short-lived guard file created exclusively: one contender at a
+        time does it, and the others retry. A guard left by a crashed contender expires
+        after :data:`TAKEOVER_TTL` seconds.
+        """
+        guard = join_path(LOCK_FOLDER, f".{self.vm_uuid}.lock.takeover")
+        now = self.clock()
+        mine = LockInfo(
+            owner=self.owner,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            token=self.token,
+            acquired=now,
+            expires=now + TAKEOVER_TTL,
+        )
+        if not create_exclusive(self.remote, guard, mine.to_bytes(), self.token):
+            try:
+                other = LockInfo.from_bytes(self.remote.read_bytes(guard))
+            except RemoteNotFoundError:
+                return
+            except (ValueError, KeyError, TypeError):
+                other = None
+            if other is None or other.expires <= self.clock():
+                self.remote.delete(guard, missing_ok=True)  # abandoned by a crashed contender
+            return
         try:
-            self.remote.rename(self.path, aside)
-        except RemoteNotFoundError:
-            return  # another contender moved it first
-        try:
-            moved = LockInfo.from_bytes(self.remote.read_bytes(aside))
-        except (RemoteError, ValueError, KeyError):
-            moved = None
-        if moved is not None and moved.token != expired.token:
-            # a fresh lock was taken between our read and our rename: give it back
-            create_exclusive(self.remote, self.path, moved.to_bytes(), moved.token)
-        else:
-            _log.warning(
-                "VM %s on remote %r: took over the expired lock of %s",
-                self.vm_uuid,
-                self.remote.name,
-                expired.owner,
-            )
-        self.remote.delete(aside, missing_ok=True)
+            current = self.read()
+            if (
+                current is not None
+                and current.token == expired.token
+                and current.expires <= self.clock()
+            ):
+                self.remote.delete(self.path, missing_ok=True)
+                _log.warning(
+                    "VM %s on remote %r: removed the expired lock of %s (pid %d on %s)",
+                    self.vm_uuid,
+                    self.remote.name,
+                    expired.owner,
+                    expired.pid,
+                    expired.host,
+                )
+        finally:
+            self.remote.delete(guard, missing_ok=True)
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`VmLockedError` (after ``wait`` seconds)."""
@@ -311,10 +339,10 @@ class VmLock:
             if holder is None:
                 break
             if time.monotonic() >= give_up:
-                raise VmLockedError(
-                    f"VM {self.vm_uuid} on remote {self.remote.name!r} is {holder.describe()}",
-                    holder,
-                )
+                where = f"VM {self.vm_uuid} on remote {self.remote.name!r}"
+                if holder is _CONTENDED:
+                    raise VmLockedError(f"{where} is being locked by another process right now")
+                raise VmLockedError(f"{where} is {holder.describe()}", holder)
             time.sleep(min(pause, max(0.0, give_up - time.monotonic())))
             pause = min(pause * 2, 2.0)
         self.lost = False
