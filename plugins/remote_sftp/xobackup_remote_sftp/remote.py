@@ -27,8 +27,7 @@ import socket
 import stat as stat_module
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -783,16 +782,6 @@ class SftpRemote(Remote):
             session.close()
         else:
             self._release(session)
-
-    @contextmanager
-    def _lease(self) -> Iterator[_Session]:
-        session = self._acquire()
-        try:
-            yield session
-        except BaseException as error:
-            self._discard_or_release(session, error)
-            raise
-        self._release(session)
 
     def _retrying(self) -> tenacity.Retrying:
         return tenacity.Retrying(
