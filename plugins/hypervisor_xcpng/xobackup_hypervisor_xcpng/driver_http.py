@@ -614,14 +614,15 @@ def _upload(
                 sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-        try:
-            response = conn.getresponse()
-            status = response.status
-            body = _read_small(response)
-        except (OSError, http.client.HTTPException) as error:
-            if send_error is None:
-                send_error = error
-            status, body = 0, b""
+        status, body = 0, b""
+        if not isinstance(send_error, (socket.timeout, TimeoutError)):
+            try:
+                response = conn.getresponse()
+                status = response.status
+                body = _read_small(response)
+            except (OSError, http.client.HTTPException) as error:
+                if send_error is None:
+                    send_error = error
     finally:
         conn.close()
     if status in (301, 302, 303, 307, 308):
@@ -632,8 +633,10 @@ def _upload(
     if status not in (0, 200):
         raise _http_error(session, task, what, status, body)
     if send_error is not None:
-        task_error = _settled_error(session, task, what, 5.0)
         detail = describe_os_error(send_error, endpoint, session.timeout)
+        task_error = None
+        if not isinstance(detail, XapiTimeoutError):  # a stuck host will not settle it either
+            task_error = _settled_error(session, task, what, 5.0)
         if task_error is not None:
             raise HypervisorError(
                 f"{what}: the upload stopped after {sent} bytes: {task_error}",

@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 import xmlrpc.client
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -748,9 +748,3 @@ def parse_error_page(body: bytes) -> list[str] | None:
 
 
 _ERROR_IN_PAGE = re.compile(r"\b([A-Z][A-Z0-9_]{2,}): \[(.*?)\]", re.S)
-
-
-def unique(items: Iterable[str]) -> list[str]:
-    """Items in order, without repeats."""
-    seen: set[str] = set()
-    return [i for i in items if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]

@@ -321,3 +321,12 @@ def test_master_gone_the_driver_finds_the_new_one(xapi_sim: Simulator, driver: X
     assert driver.session.endpoint.host != db.record("host", old_master)["address"] or (
         driver.session.endpoint.port != int(pool.url.rsplit(":", 1)[1])
     )
+
+
+def test_upload_to_a_hung_handler_times_out(xapi_sim: Simulator, driver: XapiDriver) -> None:
+    import io
+
+    target = driver.create_disk(sr_uuid=_shared_sr(xapi_sim), name="target", virtual_size=64 * MiB)
+    xapi_sim.arm("/import_raw_vdi", "hang")
+    with pytest.raises(XapiTimeoutError, match="upload stopped after"):
+        driver.import_disk(target, io.BytesIO(bytes(64 * MiB)), format="raw", size=64 * MiB)
