@@ -85,6 +85,25 @@ def test_the_guard_stops_a_run_at_its_deadline(tmp_path):
         recorder.finish()
 
 
+def test_the_guard_watches_vm_deadlines_without_stopping_the_run(tmp_path):
+    with LogStore(tmp_path / "logs.sqlite") as store:
+        recorder = store.start_run("job-1", "nightly", heartbeat_interval=None)
+        job = Deadline(3600, what="job 'nightly'")
+        timed_out = []
+        fired = threading.Event()
+        with RunGuard(store, recorder.run_id, job, poll_interval=5) as guard:
+            slow = job.child(0.2, what="VM web-1")
+            guard.watch(slow, lambda error: (timed_out.append(error), fired.set()))
+            unwatched = guard.watch(job.child(0.2, what="VM db-1"), timed_out.append)
+            unwatched()
+            assert fired.wait(5)  # well before the 5 s poll interval
+            guard.check()  # the run goes on
+        assert [str(error) for error in timed_out] == [
+            "VM web-1 exceeded its timeout of 0.2 s (setting 'vmTimeout')"
+        ]
+        recorder.finish()
+
+
 def test_a_version_1_log_gains_the_cancel_table(tmp_path):
     path = tmp_path / "old.sqlite"
     raw = sqlite3.connect(path)

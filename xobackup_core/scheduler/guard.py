@@ -19,8 +19,10 @@ Usage in the engine::
         for vm in vms:
             vm_deadline = deadline.child(vm_settings["vmTimeout"], what=f"VM {vm.name}",
                                          setting="vmTimeout")
+            unwatch = guard.watch(vm_deadline, lambda error: export_stream.close())
             ...
             guard.check(); vm_deadline.check()   # between blocks
+            unwatch()
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class RunGuard:
         self.error: XobackupError | None = None
         """Why the run must stop, once it must."""
         self._callbacks: list[Callable[[XobackupError], None]] = []
+        self._watched: list[tuple[Deadline, Callable[[RunTimeoutError], None]]] = []
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -141,6 +144,38 @@ class RunGuard:
                     self._callbacks.remove(callback)
 
         return unregister
+
+    def watch(
+        self, deadline: Deadline, callback: Callable[[RunTimeoutError], None]
+    ) -> Callable[[], None]:
+        """Also watch ``deadline`` (a VM's ``vmTimeout``): call ``callback(error)`` once when it
+        passes, from the guard's thread. The run itself goes on (the VM fails, the others
+        continue). Returns a function that stops watching it."""
+        entry = (deadline, callback)
+        with self._lock:
+            self._watched.append(entry)
+
+        def unwatch() -> None:
+            with self._lock:
+                if entry in self._watched:
+                    self._watched.remove(entry)
+
+        return unwatch
+
+    def _poll_watched(self) -> None:
+        with self._lock:
+            expired = [entry for entry in self._watched if entry[0].expired]
+            for entry in expired:
+                self._watched.remove(entry)
+        for deadline, callback in expired:
+            try:
+                deadline.check()
+            except RunTimeoutError as error:
+                _log.warning("run %s: %s", self.run_id, error)
+                try:
+                    callback(error)
+                except Exception:
+                    _log.exception("a timeout callback of run %s failed", self.run_id)
 
     @property
     def stopping(self) -> bool:
@@ -193,8 +228,11 @@ class RunGuard:
         while not self._done.is_set():
             if self.poll() is not None:
                 return
-            left = self.deadline.remaining()
-            wait = self.poll_interval if left is None else min(self.poll_interval, left)
+            self._poll_watched()
+            with self._lock:
+                deadlines = [self.deadline] + [deadline for deadline, _ in self._watched]
+            lefts = [d.remaining() for d in deadlines]
+            wait = min([self.poll_interval] + [left for left in lefts if left is not None])
             self._done.wait(max(0.01, wait))
 
     def start(self) -> RunGuard:
