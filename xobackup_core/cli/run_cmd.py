@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from xobackup_core.cli.context import AppContext, pass_app
+from xobackup_core.engine.progress import LineProgress, TerminalProgress
 from xobackup_core.engine.runner import JobRunner
 from xobackup_core.errors import ExitCode, UsageError
 
@@ -25,10 +28,12 @@ def run_command(app: AppContext, job: str, schedule: str | None) -> None:
     if schedule is None:
         schedule = next((k for k, s in config.schedules.items() if s.job == job), None)
     store = app.log_store()
-    runner = JobRunner(config, app.plugins, store)
+    progress = TerminalProgress() if sys.stdout.isatty() else LineProgress()
+    runner = JobRunner(config, app.plugins, store, progress=progress)
     try:
         outcome = runner.run(job, schedule)
     finally:
+        progress.close()
         runner.close()
     colour = {"success": "green", "failure": "red", "skipped": "yellow"}.get(outcome.status)
     click.secho(f"run {outcome.run_id}: {outcome.status}", fg=colour)

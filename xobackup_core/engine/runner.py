@@ -33,6 +33,7 @@ from typing import Any
 from xobackup_core.config import Config
 from xobackup_core.engine.disk_sinks import VhdDirectorySink, VhdFileSink
 from xobackup_core.engine.limits import LimitValues, PoolLimiter, shared_limiter
+from xobackup_core.engine.progress import Progress
 from xobackup_core.engine.repository import BackupMetadata, BackupRepository, format_timestamp
 from xobackup_core.engine.retention import entries_to_delete, period_tags
 from xobackup_core.engine.streams import Fanout, RateLimiter, Target, describe_error
@@ -97,8 +98,10 @@ class JobRunner:
         limiter: PoolLimiter | None = None,
         clock: Callable[[], float] = time.time,
         drivers: Mapping[str, HypervisorDriver] | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.config = config
+        self.progress = progress or Progress()
         self.plugins = plugins
         self.log_store = log_store
         limits = config.limits
@@ -189,6 +192,7 @@ class JobRunner:
                 job_key, schedule_key=schedule_key, vm_uuid=vm.uuid
             )
             status = "failure"
+            self.progress.vm_started(vm.uuid, vm.name)
             try:
                 with recorder.task(
                     "backup VM", {"type": "VM", "id": vm.uuid, "name_label": vm.name}
@@ -211,6 +215,7 @@ class JobRunner:
             except Exception:  # recorded on the VM task; the other VMs go on
                 status = "failure"
             outcome.vm_status[vm.uuid] = status
+            self.progress.vm_finished(vm.uuid, status)
 
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vm") as pool:
             list(pool.map(backup_one, vms))
@@ -356,6 +361,7 @@ class _VmBackup:
 
     def take_snapshot(self, timestamp_ms: int, ignore: tuple[str, ...] = ()) -> Vm:
         memory = bool(self.settings["checkpointSnapshot"]) or "xo-memory-backup" in self.vm.tags
+        self.runner.progress.stage(self.vm.uuid, "snapshot")
         with self.slot("snapshots"), self.recorder.task("snapshot", parent=self.task) as step:
             snapshot = self.driver.snapshot(
                 self.vm.uuid,
@@ -423,6 +429,7 @@ class _VmBackup:
 
     def export_xva(self, snapshot: Vm, stamp: str, timestamp_ms: int, compression: str) -> None:
         name = f"{stamp}.xva"
+        self.runner.progress.stage(self.vm.uuid, "export")
         with self.slot("vm_exports"):
             stream = self.driver.export_vm(snapshot.uuid, compression=compression)  # type: ignore[arg-type]
             fan_targets = []
@@ -455,7 +462,11 @@ class _VmBackup:
             fanout = Fanout(fan_targets, dropped)
             try:
                 with stream:
-                    fanout.copy_stream(stream, self.rate)
+                    fanout.copy_stream(
+                        stream,
+                        self.rate,
+                        on_chunk=lambda size: self.runner.progress.transferred(self.vm.uuid, size),
+                    )
             except Exception as error:
                 fanout.abort(error)
                 message = f"export of {self.vm.name} failed: {describe_error(error)}"
@@ -676,6 +687,7 @@ class _VmBackup:
             base_disk = None
             if base is not None:
                 base_disk = next((d for d in base.disks if d.snapshot_of == disk.vdi_uuid), None)
+            self.runner.progress.stage(self.vm.uuid, "export")
             with self.slot("disk_exports"):
                 stream = self.driver.export_disk(
                     snap_disk.vdi_uuid,
@@ -759,6 +771,7 @@ class _VmBackup:
         try:
             for index, data in reader.blocks():
                 self.rate.consume(len(data))
+                self.runner.progress.transferred(self.vm.uuid, len(data))
                 if not fanout.write((index, data), size=len(data)):
                     break
             fanout.finish()
@@ -805,6 +818,7 @@ class _VmBackup:
                 doomed = doomed[:cap]
             if not doomed:
                 continue
+            self.runner.progress.stage(self.vm.uuid, "retention")
             with self.recorder.task(
                 "retention", {"type": "remote", "id": target.key}, parent=self.task
             ) as step:

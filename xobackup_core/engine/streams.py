@@ -98,7 +98,11 @@ class Fanout:
             self._drop(target, error)
 
     def copy_stream(
-        self, stream: BinaryIO, limiter: RateLimiter | None = None, chunk_size: int = CHUNK_SIZE
+        self,
+        stream: BinaryIO,
+        limiter: RateLimiter | None = None,
+        chunk_size: int = CHUNK_SIZE,
+        on_chunk: Callable[[int], Any] | None = None,
     ) -> int:
         """Read ``stream`` to its end into every target; returns the bytes read."""
         total = 0
@@ -108,6 +112,8 @@ class Fanout:
                 return total
             if limiter is not None:
                 limiter.consume(len(chunk))
+            if on_chunk is not None:
+                on_chunk(len(chunk))
             total += len(chunk)
             if not self.write(chunk):
                 return total
