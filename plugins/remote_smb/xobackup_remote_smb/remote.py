@@ -433,9 +433,11 @@ def _short(error: BaseException) -> str:
 class _SmbHandle:
     """An open file with raw, timed READ/WRITE requests on its smbprotocol ``Open``."""
 
-    def __init__(self, remote: SmbRemote, path: str, mode: str, **open_kwargs: Any) -> None:
+    def __init__(
+        self, remote: SmbRemote, path: str, mode: str, label: str | None = None, **open_kwargs: Any
+    ) -> None:
         self.remote = remote
-        self.path = path
+        self.path = label or path  # what errors name: the final path, not a temp name
         operation = {"r": "open for read", "r+": "open for update"}.get(mode, "open for write")
 
         def open_raw() -> Any:
@@ -443,7 +445,7 @@ class _SmbHandle:
                 remote.unc(path), mode=mode + "b", buffering=0, **open_kwargs, **remote._kwargs
             )
 
-        self.raw = remote._call(operation, path, open_raw, idempotent=mode == "r")
+        self.raw = remote._call(operation, self.path, open_raw, idempotent=mode == "r")
         self.open = self.raw.fd
         self.connection = self.open.connection
         self.session_id = self.open.tree_connect.session.session_id
@@ -568,10 +570,10 @@ class _SmbWriter(RemoteWriter):
         folder, name = parent_path(path), path.rsplit("/", 1)[1]
         self._temp = join_path(folder, make_temp_name(name))
         try:
-            self._handle = _SmbHandle(remote, self._temp, "x", share_access="")
+            self._handle = _SmbHandle(remote, self._temp, "x", path, share_access="")
         except RemoteNotFoundError:
             remote.makedirs(folder)
-            self._handle = _SmbHandle(remote, self._temp, "x", share_access="")
+            self._handle = _SmbHandle(remote, self._temp, "x", path, share_access="")
         connection = self._handle.connection
         self._chunk = max(CREDIT_UNIT, min(remote.write_chunk, connection.max_write_size))
         self._buffer = bytearray(self._chunk)
