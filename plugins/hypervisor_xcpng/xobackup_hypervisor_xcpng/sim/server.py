@@ -54,7 +54,7 @@ class HostListener(ThreadingHTTPServer):
         """Serve in a background thread."""
         self.thread = threading.Thread(
             target=self.serve_forever,
-            kwargs={"poll_interval": 0.2},
+            kwargs={"poll_interval": 0.05},
             daemon=True,
             name=f"sim-host-{self.server_address[0]}:{self.server_address[1]}",
         )

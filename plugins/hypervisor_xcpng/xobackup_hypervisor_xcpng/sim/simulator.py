@@ -178,9 +178,17 @@ class Simulator:
         """Close every listener, release hung calls and delete a temporary data folder."""
         self.stopping.set()
         self.faults.clear()
+        # in parallel: each listener notices the stop at its next poll
+        stopping = [
+            threading.Thread(target=listener.stop)
+            for pool in self.pools
+            for listener in pool.listeners
+        ]
+        for thread in stopping:
+            thread.start()
+        for thread in stopping:
+            thread.join()
         for pool in self.pools:
-            for listener in pool.listeners:
-                listener.stop()
             pool.listeners.clear()
         self.store.close()
         if self._own_dir:
