@@ -24,12 +24,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from xobackup_core.config import Config
-from xobackup_core.errors import UsageError, XobackupError
+from xobackup_core.errors import ConfigError, UsageError, XobackupError
 from xobackup_core.logs.process import hostname
 from xobackup_core.logs.records import Status, now_ms
 from xobackup_core.logs.store import LogStore
@@ -70,8 +70,6 @@ def schedule_timezone(config: Config, schedule_key: str) -> str:
 
 def cron_of(config: Config, schedule_key: str) -> CronSchedule:
     """The evaluated cron of a schedule (ConfigError naming the key if it is invalid)."""
-    from xobackup_core.errors import ConfigError
-
     schedule = config.schedules[schedule_key]
     try:
         return CronSchedule(schedule.cron, schedule_timezone(config, schedule_key))
@@ -96,7 +94,6 @@ class _Active:
     job_id: str
     schedule_key: str
     thread: threading.Thread
-    started: float = field(default_factory=time.monotonic)
 
 
 class Daemon:

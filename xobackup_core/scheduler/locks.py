@@ -56,7 +56,7 @@ from xobackup_core.errors import (
     RemoteNotFoundError,
     XobackupError,
 )
-from xobackup_core.remote import Remote, join_path, make_temp_name
+from xobackup_core.remote import Remote, join_path, make_temp_name, map_os_error
 
 _log = logging.getLogger(__name__)
 
@@ -133,27 +133,24 @@ class LockLostError(XobackupError):
 def _link_create(remote: Remote, path: str, data: bytes) -> bool:
     real = remote.real_path(path)  # type: ignore[attr-defined]
     folder, name = os.path.split(real)
-    os.makedirs(folder, exist_ok=True)
     temp = os.path.join(folder, make_temp_name(name))
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(temp, real)
-    except FileExistsError:
-        return False
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            # link() fails when the name exists: the atomic create-if-absent
+            os.link(temp, real)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(temp)
     except OSError as error:
-        raise RemoteError(
-            f"cannot create lock file: {error.strerror}",
-            remote=remote.name,
-            operation="lock",
-            path=path,
-        ) from None
-    finally:
-        os.unlink(temp)
+        raise map_os_error(error, remote=remote.name, operation="lock", path=path) from None
     return True
 
 
