@@ -187,8 +187,11 @@ def test_power_state_rules_and_blocked_operations(xapi_sim):
     details = failure(api.VM.start, vm, False, False)
     assert details == ["VM_BAD_POWER_STATE", vm, "halted", "running"]
     assert failure(api.VM.destroy, vm)[0] == "VM_BAD_POWER_STATE"
+    assert "clean_shutdown" in record["allowed_operations"]
+    assert "start" not in record["allowed_operations"]
     api.VM.clean_shutdown(vm)
     assert api.VM.get_power_state(vm) == "Halted"
+    assert "start" in api.VM.get_allowed_operations(vm)
     details = failure(api.VM.clean_shutdown, vm)
     assert details == ["VM_BAD_POWER_STATE", vm, "running", "halted"]
     assert failure(api.VM.checkpoint, vm, "mem")[:1] == ["VM_BAD_POWER_STATE"]

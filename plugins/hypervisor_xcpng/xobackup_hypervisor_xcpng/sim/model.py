@@ -583,6 +583,58 @@ def coerce(cls: str, field: str, value: Any) -> Any:
     return value
 
 
+_VM_OPERATIONS = {
+    "Halted": [
+        "start",
+        "start_on",
+        "clone",
+        "copy",
+        "export",
+        "destroy",
+        "snapshot",
+        "provision",
+        "changing_memory_limits",
+        "changing_VCPUs",
+        "metadata_export",
+    ],
+    "Running": [
+        "clean_shutdown",
+        "clean_reboot",
+        "hard_shutdown",
+        "hard_reboot",
+        "suspend",
+        "pause",
+        "pool_migrate",
+        "snapshot",
+        "checkpoint",
+        "metadata_export",
+    ],
+    "Suspended": [
+        "resume",
+        "resume_on",
+        "hard_shutdown",
+        "export",
+        "destroy",
+        "snapshot",
+        "checkpoint",
+        "metadata_export",
+    ],
+    "Paused": ["unpause", "hard_shutdown", "hard_reboot", "snapshot", "checkpoint"],
+}
+
+
+def vm_allowed_operations(record: dict[str, Any]) -> list[str]:
+    """What XAPI lists in a VM's ``allowed_operations`` for its state (approximately)."""
+    if record["is_control_domain"]:
+        return []
+    if record["is_a_snapshot"]:
+        return ["revert", "clone", "copy", "export", "destroy", "metadata_export"]
+    if record["is_a_template"]:
+        return ["clone", "copy", "export", "destroy", "provision", "metadata_export"]
+    blocked = record["blocked_operations"]
+    return [op for op in _VM_OPERATIONS.get(record["power_state"], []) if op not in blocked]
+
+
 def lower_class(cls: str) -> str:
     """The class name as ``event.from`` spells it."""
     return cls.lower()
@@ -607,6 +659,8 @@ class Database:
         """Insert a record built on the class defaults; return its ref."""
         record = DEFAULTS[cls]()
         record.update(fields)
+        if cls == "VM":
+            record["allowed_operations"] = vm_allowed_operations(record)
         if not record.get("uuid"):
             record["uuid"] = str(uuidlib.uuid4())
         ref = ref or new_ref()
@@ -636,6 +690,9 @@ class Database:
     def touch(self, cls: str, ref: str) -> None:
         """Publish a ``mod`` event after an in-place change of a record."""
         with self.lock:
+            if cls == "VM":
+                record = self.record(cls, ref)
+                record["allowed_operations"] = vm_allowed_operations(record)
             self._xml_cache.pop(ref, None)
             self._event(cls, "mod", ref)
 
