@@ -21,6 +21,7 @@ from xobackup_core.scheduler.locks import (
     LockLostError,
     VmLock,
     VmLockedError,
+    VmLocks,
     lock_guarantee,
     lock_path,
 )
@@ -242,3 +243,14 @@ def test_expired_lock_is_taken_over_once_when_many_contend(tmp_path, remote):
         thread.join(30)
     assert len(winners) == 1
     winners[0].release()
+
+
+def test_vm_locks_over_several_remotes_report_the_refused_ones(tmp_path, remote):
+    other = LocalRemote(tmp_path / "other", name="usb")
+    with VmLock(other, VM, "job weekly (run 9)"):
+        with VmLocks({"nas": remote, "usb": other}, VM, "job nightly (run 1)") as refused:
+            assert list(refused) == ["usb"]
+            assert "locked by job weekly (run 9)" in str(refused["usb"])
+            assert json.loads(remote.read_bytes(lock_path(VM)))["owner"] == "job nightly (run 1)"
+        assert not remote.exists(lock_path(VM))  # released on exit
+        assert json.loads(other.read_bytes(lock_path(VM)))["owner"] == "job weekly (run 9)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -127,7 +128,11 @@ def cancel_command(app: AppContext, run_id: str) -> None:
     assert run is not None
     if run.status is not Status.PENDING:
         raise UsageError(f"run {full} is not running: it ended {run.status.value}")
-    who = f"{os.environ.get('USER', 'unknown user')} (pid {os.getpid()})"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (a container)
+        user = f"uid {os.getuid()}"
+    who = f"{user} (pid {os.getpid()})"
     if request_cancel(store, full, by=who):
         click.echo(f"cancel requested for run {full}; it stops at its next check")
     else:

@@ -12,7 +12,13 @@ from xobackup_core.scheduler.cancel import CancelRequest, cancel_request, reques
 from xobackup_core.scheduler.clock import Clock, ManualClock, SystemClock
 from xobackup_core.scheduler.cron import CronSchedule
 from xobackup_core.scheduler.guard import Deadline, RunGuard, RunTimeoutError
-from xobackup_core.scheduler.locks import LockInfo, LockLostError, VmLock, VmLockedError
+from xobackup_core.scheduler.locks import (
+    LockInfo,
+    LockLostError,
+    VmLock,
+    VmLockedError,
+    VmLocks,
+)
 
 __all__ = [
     "CancelRequest",
@@ -27,6 +33,7 @@ __all__ = [
     "SystemClock",
     "VmLock",
     "VmLockedError",
+    "VmLocks",
     "cancel_request",
     "request_cancel",
 ]

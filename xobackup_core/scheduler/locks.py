@@ -45,7 +45,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -405,4 +405,61 @@ class VmLock:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self.release()
+
+
+class VmLocks:
+    """One VM's locks on several remotes, for a backup that writes to all of them.
+
+    ``with VmLocks({"nas": nas, "s3": s3}, vm_uuid, owner) as refused:`` takes every lock it
+    can; ``refused`` maps the remotes whose lock is held elsewhere to their
+    :class:`VmLockedError`, so the engine drops those targets with a warning and goes on with
+    the others (a VM fails only when every target failed). All held locks are released on
+    exit.
+    """
+
+    def __init__(
+        self,
+        remotes: Mapping[str, Remote],
+        vm_uuid: str,
+        owner: str,
+        ttl: float = DEFAULT_TTL,
+        *,
+        wait: float = 0.0,
+    ) -> None:
+        self.locks = {
+            key: VmLock(remote, vm_uuid, owner, ttl, wait=wait) for key, remote in remotes.items()
+        }
+        self.held: dict[str, VmLock] = {}
+        self.refused: dict[str, VmLockedError] = {}
+
+    def __enter__(self) -> dict[str, VmLockedError]:
+        try:
+            for key, lock in self.locks.items():
+                try:
+                    lock.acquire()
+                except VmLockedError as error:
+                    self.refused[key] = error
+                else:
+                    self.held[key] = lock
+        except BaseException:
+            self.release()
+            raise
+        return self.refused
+
+    def release(self) -> None:
+        """Release every lock held."""
+        for lock in self.held.values():
+            try:
+                lock.release()
+            except XobackupError as error:  # it expires by itself anyway
+                _log.warning("could not release the lock of VM %s: %s", lock.vm_uuid, error)
+        self.held.clear()
+
+    def check(self) -> None:
+        """Raise :class:`LockLostError` if any held lock was lost."""
+        for lock in self.held.values():
+            lock.check()
+
+    def __exit__(self, *exc: object) -> None:
         self.release()
