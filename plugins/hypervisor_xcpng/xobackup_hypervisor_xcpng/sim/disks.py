@@ -107,9 +107,11 @@ class VdiData:
 
     def changed_blocks(self, base: VdiData) -> list[int]:
         """Indexes whose content may differ from ``base`` (different blob on either side)."""
-        with self.lock, base.lock:
-            indexes = set(self.blocks) | set(base.blocks)
-            return sorted(i for i in indexes if self.blocks.get(i) != base.blocks.get(i))
+        with self.lock:  # one lock at a time: two opposite comparisons cannot deadlock
+            mine = dict(self.blocks)
+        with base.lock:
+            theirs = dict(base.blocks)
+        return sorted(i for i in mine.keys() | theirs.keys() if mine.get(i) != theirs.get(i))
 
     def set_block(self, index: int, data: bytes | None) -> None:
         """Replace a whole block; None or all-zero data deallocates it."""
