@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from xobackup_core.config import Config
 from xobackup_core.errors import ConfigError, UsageError, XobackupError
 from xobackup_core.logs.process import hostname
-from xobackup_core.logs.records import Status, now_ms
+from xobackup_core.logs.records import RunRecord, Status, now_ms
 from xobackup_core.logs.store import LogStore
 from xobackup_core.plugins import Plugins
 from xobackup_core.scheduler.clock import Clock, SystemClock
@@ -77,6 +77,41 @@ def cron_of(config: Config, schedule_key: str) -> CronSchedule:
         raise ConfigError(
             str(error), key=f"schedules.{schedule_key}", source=config.source
         ) from None
+
+
+def running_run_of(store: LogStore, job_id: str) -> str | None:
+    """The id of a run of the job in progress in any live process, or None.
+
+    Runs of dead processes are marked interrupted first, so they never count.
+    """
+    running = store.running_runs(job_id)
+    return running[0].run_id if running else None
+
+
+def record_already_running(
+    store: LogStore,
+    plugins: Plugins | None,
+    config: Config,
+    job_key: str,
+    schedule_key: str | None,
+    running_run_id: str,
+) -> RunRecord:
+    """Log a skipped run of ``job_key``: "the job is already running (run <id>)".
+
+    The skipped run is reported like any other (``plugins`` hear it). ``xobackup run`` can
+    use it too, so a manual run never overlaps a scheduled one.
+    """
+    job = config.jobs[job_key]
+    settings = config.effective_settings(job_key, schedule_key=schedule_key)
+    recorder = store.start_run(
+        config.job_id(job_key),
+        job.name or job_key,
+        schedule_id=schedule_key,
+        data={"mode": job.mode, "reportWhen": settings["reportWhen"]},
+        listener=plugins,
+        heartbeat_interval=None,
+    )
+    return recorder.finish(ALREADY_RUNNING.format(run_id=running_run_id), status=Status.SKIPPED)
 
 
 @dataclass
@@ -260,29 +295,22 @@ class Daemon:
 
     def _busy_run(self, job_id: str) -> str | None:
         """The id of a run of the job in progress, here or elsewhere; None if there is none."""
-        # running_runs() first marks the runs of dead processes interrupted: no ghosts
-        running = self.store.running_runs(job_id)
-        if running:
-            return running[0].run_id
+        running = running_run_of(self.store, job_id)
+        if running is not None:
+            return running
         if job_id in self._active:
             return "being started"
         return None
 
     def _record_skip(self, config: Config, job_key: str, schedule_key: str, busy: str) -> None:
-        reason = ALREADY_RUNNING.format(run_id=busy)
-        job = config.jobs[job_key]
-        settings = config.effective_settings(job_key, schedule_key=schedule_key)
-        recorder = self.store.start_run(
-            config.job_id(job_key),
-            job.name or job_key,
-            schedule_id=schedule_key,
-            data={"mode": job.mode, "reportWhen": settings["reportWhen"]},
-            listener=self.plugins,
-            heartbeat_interval=None,
+        record = record_already_running(
+            self.store, self.plugins, config, job_key, schedule_key, busy
         )
-        record = recorder.finish(reason, status=Status.SKIPPED)
         _log.warning(
-            "schedule %s fired but %s: run %s skipped", schedule_key, reason, record.run_id
+            "schedule %s fired but %s: run %s skipped",
+            schedule_key,
+            record.result["message"],
+            record.run_id,
         )
 
     def _execute(self, runner: Runner, job_key: str, schedule_key: str, job_id: str) -> None:
