@@ -38,16 +38,19 @@ from xobackup_core.engine.repository import BackupMetadata, BackupRepository, fo
 from xobackup_core.engine.retention import entries_to_delete, period_tags
 from xobackup_core.engine.streams import Fanout, RateLimiter, Target, describe_error
 from xobackup_core.errors import FormatError, RemoteError, XobackupError
+from xobackup_core.formats.vhd_chain import open_vhd_chain
 from xobackup_core.formats.vhd_directory import (
     is_alias,
     merge_chain,
     open_remote_disk,
+    remote_disk_opener,
     resolve_alias,
     resume_directory_merges,
 )
 from xobackup_core.formats.vhd_merge import resume_merges
 from xobackup_core.formats.vhd_stream import VhdStreamReader
 from xobackup_core.formats.vhd_writer import ParentLink, plan_vhd_stream
+from xobackup_core.formats.xva import is_valid_xva
 from xobackup_core.hypervisor import Disk, HypervisorDriver, Inventory, Vm
 from xobackup_core.logs.recorder import RunRecorder, TaskHandle
 from xobackup_core.logs.records import Status
@@ -343,6 +346,11 @@ class _VmBackup:
                 if op not in blocked_before
             },
         )
+        for target in list(self.targets):
+            try:
+                self.clean_vm(target)
+            except XobackupError as error:
+                self.task.warning(f"cleaning {target.key} before the backup failed: {error}")
         try:
             if not self.targets:
                 self.rolling_snapshot()
@@ -554,13 +562,6 @@ class _VmBackup:
         skipped = [d for d in self.vm.disks if NO_BACKUP_DISK_MARK in d.name]
         for disk in skipped:
             self.task.info(f"disk {disk.name} is marked {NO_BACKUP_DISK_MARK}: not backed up")
-        for target in self.targets:
-            for disk in live_disks:
-                folder = target.repository.vdi_folder(self.vm.uuid, self.job_id, disk.vdi_uuid)
-                try:
-                    resume_all_merges(target.remote, folder)
-                except XobackupError as error:
-                    self.task.warning(f"an interrupted merge could not be finished: {error}")
         base, reason = self.select_base(live_disks)
         if base is None:
             self.task.info(f"full backup: {reason}")
@@ -836,12 +837,56 @@ class _VmBackup:
             return
         self.clean_disk_folders(target)
 
-    def clean_disk_folders(self, target: RemoteTarget) -> None:
+    def clean_vm(self, target: RemoteTarget) -> None:
+        """Before a backup: remove what failed runs left (XO's cleanVm, §2.6).
+
+        A metadata file whose data is missing or unreadable is an incomplete backup: removed,
+        with a warning. An XVA that is there but looks wrong (size, tar end) is reported and
+        kept: it may still hold data someone needs. Data files that no metadata references
+        are merged into the next backup (deltas) or deleted.
+        """
+        repository = target.repository
+        for backup in repository.list_backups(self.vm.uuid):
+            if backup.mode == "full":
+                xva = backup.xva_path
+                if xva is None or not target.remote.exists(xva):
+                    self.task.warning(f"incomplete backup removed from {target.key}: {backup.path}")
+                    repository.delete_metadata(backup)
+                    target.remote.delete((xva or backup.path) + ".checksum", missing_ok=True)
+                elif not is_valid_xva(target.remote, xva, expected_size=backup.size or None):
+                    self.task.warning(
+                        f"the XVA of {backup.path} on {target.key} looks damaged (size or "
+                        "tar end); it is kept, check it with a restore"
+                    )
+                continue
+            for path in backup.vhd_paths.values():
+                try:
+                    with open_vhd_chain(path, remote_disk_opener(target.remote)):
+                        pass
+                except (FormatError, RemoteError) as error:
+                    self.task.warning(
+                        f"incomplete backup removed from {target.key}: {backup.path} ({error})"
+                    )
+                    repository.delete_metadata(backup)
+                    break
+        referenced = {b.xva_path for b in repository.list_backups(self.vm.uuid)}
+        vm_folder = repository.vm_folder(self.vm.uuid)
+        for name in target.remote.list(vm_folder):
+            path = join_path(vm_folder, name)
+            if name.endswith(".xva") and path not in referenced:
+                target.remote.delete(path, missing_ok=True)
+                target.remote.delete(path + ".checksum", missing_ok=True)
+        for job_id in target.remote.list(join_path(vm_folder, "vdis")):
+            self.clean_disk_folders(target, job_id)
+
+    def clean_disk_folders(self, target: RemoteTarget, job_id: str | None = None) -> None:
         """Merge or delete VHDs no backup references any more (XO's cleanVm, §2.5–2.6)."""
         referenced = set()
         for backup in target.repository.list_backups(self.vm.uuid):
             referenced.update(backup.vhd_paths.values())
-        jobs_folder = join_path(target.repository.vm_folder(self.vm.uuid), "vdis", self.job_id)
+        jobs_folder = join_path(
+            target.repository.vm_folder(self.vm.uuid), "vdis", job_id or self.job_id
+        )
         for vdi_uuid in target.remote.list(jobs_folder):
             folder = join_path(jobs_folder, vdi_uuid)
             resume_all_merges(target.remote, folder)
