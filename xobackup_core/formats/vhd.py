@@ -413,15 +413,15 @@ class VhdFile(WritableVhdDisk):
         if len(data) != self.header.block_size or len(bitmap) != self.header.bitmap_size:
             raise ValueError("write_block needs a whole block and its whole bitmap")
         offset = self.block_offset(index)
+        # One write for bitmap and data: they share a page, and remotes pay per request.
+        span = b"".join((bitmap, data))
         if offset is not None:
-            file.write_at(offset, bitmap)
-            file.write_at(offset + len(bitmap), data)
+            file.write_at(offset, span)
             return
         # Append after the last block. Data first, BAT entry second: an interruption between
         # the two leaves an unreferenced tail that the next append simply overwrites.
         offset = self._data_end
-        file.write_at(offset, bitmap)
-        file.write_at(offset + len(bitmap), data)
+        file.write_at(offset, span)
         self._bat[index] = offset // SECTOR_SIZE
         self._data_end = offset + self._block_span
         file.write_at(self.header.table_offset + 4 * index, bat_entry_bytes(self._bat[index]))
