@@ -12,6 +12,10 @@ Options (the remote's config table, or ``?key=value`` in the URL for the non-sec
     The NTLM domain (workgroup) of the user.
 ``encrypt``
     ``true`` requires SMB3 encryption for the whole session.
+``signing``
+    ``auto`` (default) signs what the protocol or the server requires, as smbclient, Windows
+    and the Linux kernel client do; ``required`` signs every request (slower: signing runs in
+    Python). Servers that require signing get it either way.
 ``timeout`` / ``connect_timeout``
     Seconds to wait for one operation (default 60) / for the connection (default 15).
 ``retries``
@@ -63,6 +67,15 @@ def _number(value: Any, key: str, name: str, kind: type = float) -> Any:
     return number
 
 
+def _signing(value: Any, name: str) -> str:
+    text = str(value).strip().lower()
+    if text not in ("auto", "required"):
+        raise RemoteConfigError(
+            f"option 'signing' must be 'auto' or 'required', not {value!r}", remote=name
+        )
+    return text
+
+
 def _reveal(value: Any) -> str:
     reveal = getattr(value, "reveal", None)
     return reveal() if callable(reveal) else str(value)
@@ -74,6 +87,7 @@ _KNOWN = {
     "password",
     "domain",
     "encrypt",
+    "signing",
     "timeout",
     "connect_timeout",
     "retries",
@@ -130,6 +144,7 @@ def open_smb_remote(url: str, options: Mapping[str, Any]) -> SmbRemote:
         port=port,
         domain=str(merged["domain"]) if merged.get("domain") else None,
         encrypt=_flag(merged.get("encrypt", False), "encrypt", name),
+        signing=_signing(merged.get("signing", "auto"), name),
         timeout=_number(merged.get("timeout", 60), "timeout", name),
         connect_timeout=_number(merged.get("connect_timeout", 15), "connect_timeout", name),
         retries=_number(merged.get("retries", 3), "retries", name, int),

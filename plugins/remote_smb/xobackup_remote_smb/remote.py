@@ -39,6 +39,7 @@ from smbprotocol.exceptions import (
 )
 from smbprotocol.header import NtStatus
 from smbprotocol.open import SMB2ReadResponse, SMB2WriteResponse
+from smbprotocol.tree import TreeConnect
 from tenacity import (
     retry,
     retry_if_exception,
@@ -126,6 +127,7 @@ class SmbRemote(Remote):
         port: int = 445,
         domain: str | None = None,
         encrypt: bool = False,
+        signing: str = "auto",
         timeout: float = 60.0,
         connect_timeout: float = 15.0,
         retries: int = 3,
@@ -154,8 +156,13 @@ class SmbRemote(Remote):
             "encrypt": True if encrypt else None,
             "connection_timeout": connect_timeout,
             "connection_cache": self._cache,
+            # "auto" signs only what the protocol or the server demands, like smbclient,
+            # Windows and the Linux kernel client by default; signing every WRITE in Python
+            # costs more CPU than the rest of the data path together.
+            "require_signing": signing == "required",
         }
         self._username = user
+        self._tree_lock = threading.Lock()
         self._connect()
 
     # -- plumbing ------------------------------------------------------------------------
@@ -242,6 +249,38 @@ class SmbRemote(Remote):
             )
         return RemoteError(_short(error), remote=self.name, operation=operation, path=path)
 
+    def _ensure_tree(self) -> None:
+        """(Re)connect the session and the share when needed.
+
+        SMB 3.1.1 requires a signed TREE_CONNECT even when the session does not sign its
+        other requests, and smbclient only signs it when the whole session is signed, so
+        the share is connected here, signed, before smbclient looks for it.
+        """
+        session = smbclient.register_session(
+            self.host,
+            username=self._kwargs["username"],
+            password=self._kwargs["password"],
+            port=self.port,
+            encrypt=self._kwargs["encrypt"],
+            connection_timeout=self._kwargs["connection_timeout"],
+            connection_cache=self._cache,
+            require_signing=self._kwargs["require_signing"],
+        )
+        share = rf"\\{self.host}\{self.share}"
+        if any(tree.share_name == share for tree in session.tree_connect_table.values()):
+            return
+        with self._tree_lock:
+            if any(tree.share_name == share for tree in session.tree_connect_table.values()):
+                return
+            sign_now = not session.signing_required and session.signing_key is not None
+            if sign_now:
+                session.signing_required = True
+            try:
+                TreeConnect(session, share).connect()
+            finally:
+                if sign_now:
+                    session.signing_required = False
+
     def _call(
         self, operation: str, path: str | None, function: Callable[[], T], *, idempotent: bool
     ) -> T:
@@ -250,6 +289,7 @@ class SmbRemote(Remote):
         def attempt() -> T:
             with self._watchdog() as fired:
                 try:
+                    self._ensure_tree()
                     return function()
                 except Exception as error:
                     if fired.is_set():
@@ -280,16 +320,7 @@ class SmbRemote(Remote):
 
     def _connect(self) -> None:
         def connect() -> None:
-            smbclient.register_session(
-                self.host,
-                username=self._kwargs["username"],
-                password=self._kwargs["password"],
-                port=self.port,
-                encrypt=self._kwargs["encrypt"],
-                connection_timeout=self._kwargs["connection_timeout"],
-                connection_cache=self._cache,
-            )
-            # Touch the share (tree connect) so a wrong share name fails here, clearly.
+            # _call has connected the session and the share: a wrong share name fails there.
             base = f"\\\\{self.host}\\{self.share}"
             smbclient.stat(base, **self._kwargs)
             if self.root != "/":

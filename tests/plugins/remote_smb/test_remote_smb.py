@@ -81,6 +81,21 @@ def test_encryption_is_negotiated_on_request(smb_server):
         assert not session.encrypt_data
 
 
+def test_signing_modes(smb_server):
+    """Default: only what SMB 3.1.1 demands is signed (the tree connect, which the server
+    checks); signing = required signs every request. Both must work against Samba."""
+    data = pattern(3 * MiB, seed=9)
+    for signing, expected in (("auto", False), ("required", True)):
+        with _remote(smb_server, f"sign-{signing}", signing=signing) as remote:
+            remote.write_bytes("/f", data)
+            assert remote.read_bytes("/f") == data
+            connection = next(iter(remote._cache.values()))
+            session = next(iter(connection.session_table.values()))
+            assert session.signing_required is expected
+    with pytest.raises(RemoteConfigError, match="signing"):
+        _remote(smb_server, "x", signing="sometimes")
+
+
 def test_files_land_in_the_share_with_the_final_name_only(smb_server):
     data = pattern(5 * MiB + 3, seed=3)
     with _remote(smb_server, "layout/deep") as remote:
