@@ -16,6 +16,7 @@ from xobackup_core.errors import (
     RemoteConfigError,
     RemoteConnectionError,
     RemoteError,
+    RemoteNoSpaceError,
     RemotePermissionError,
 )
 from xobackup_core.plugins import Plugins
@@ -237,6 +238,42 @@ def test_server_stopped_mid_upload(tmp_path):
         remote.close()
     finally:
         server.stop()
+
+
+def test_disk_full_is_a_no_space_error(tmp_path):
+    """The share sits on a 16 MiB loop-mounted ext4: filling it gives RemoteNoSpaceError,
+    the final name never appears, and space is usable again after the abort."""
+    require_module("smbprotocol")
+    require_tool("smbd")
+    require_tool("mkfs.ext4")
+    from tests.servers import smb
+
+    require(smb.available() and os.path.exists("/dev/loop-control"), "smbd and loop devices")
+    image = tmp_path / "small.img"
+    with image.open("wb") as handle:
+        handle.truncate(16 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    share = tmp_path / "smbd" / "share"
+    share.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(share)], capture_output=True)
+    require(mounted.returncode == 0, "loop mounts")
+    server = None
+    try:
+        server = smb.SmbServer(tmp_path / "smbd").start()
+        with _remote(server, "", retries=0) as remote:
+            remote.write_bytes("/keep", b"previous")
+            with pytest.raises(RemoteNoSpaceError) as caught, remote.open_write("/big") as writer:
+                for _ in range(64):
+                    writer.write(pattern(MiB))
+            assert "smb-test" in str(caught.value) and "/big" in str(caught.value)
+            assert remote.list("/") == ["keep", "lost+found"]
+            assert sorted(os.listdir(share)) == ["keep", "lost+found"]
+            remote.write_bytes("/after", b"space is back")
+            assert remote.read_bytes("/after") == b"space is back"
+    finally:
+        if server is not None:
+            server.stop()
+        subprocess.run(["umount", str(share)], capture_output=True)
 
 
 def test_silent_server_times_out(smb_server):
