@@ -412,3 +412,45 @@ def test_raw_upload_announcing_too_much_keeps_its_data_and_fails(xapi_sim):
     record = wait_task(session, task)
     assert record["status"] == "failure" and record["error_info"][0] == "VDI_IO_ERROR"
     assert xapi_sim.read(vdi, 0, 3 * MiB) == b"\x05" * (3 * MiB)
+
+
+def test_metadata_export_and_import_onto_existing_disks(xapi_sim):
+    session = login(xapi_sim)
+    api = session.xenapi
+    url = xapi_sim.pool(0).url
+    sid = session._session
+    vm = next(r for r, v in api.VM.get_all_records().items() if v["name_label"].endswith("vm000"))
+    checkpoint = api.VM.checkpoint(vm, "memory")
+    api.VM.set_is_a_template(checkpoint, False)
+    disk = disk_of(session, checkpoint)
+    memory = api.VM.get_suspend_VDI(checkpoint)
+    status, response, archive = request(
+        url, "GET", "/export_metadata", {"session_id": sid, "ref": checkpoint}
+    )
+    assert status == 200 and int(response.getheader("Content-Length")) == len(archive)
+    api.VM.destroy(checkpoint)  # the disks stay: a metadata restore puts a VM back on them
+
+    def put(**query):
+        task = api.task.create("import", "")
+        status, _, _ = request(
+            url,
+            "PUT",
+            "/import_metadata",
+            {"session_id": sid, "task_id": task, **query},
+            archive,
+            **{"Content-Length": str(len(archive))},
+        )
+        assert status == 200
+        return wait_task(session, task)
+
+    master = next(iter(api.pool.get_all_records().values()))["master"]
+    xapi_sim.set_host_cpu(master, "AuthenticAMD")
+    record = put(check_cpu="true")
+    assert record["error_info"][:2] == ["VM_INCOMPATIBLE_WITH_THIS_HOST", "OpaqueRef:NULL"]
+    xapi_sim.set_host_cpu(master, "GenuineIntel")
+    record = put(check_cpu="true")
+    assert record["status"] == "success", record["error_info"]
+    [restored] = parse_value_fragment(record["result"])
+    assert api.VM.get_power_state(restored) == "Suspended"
+    assert api.VM.get_suspend_VDI(restored) == memory
+    assert disk_of(session, restored) == disk

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import logging
 import os
 import socket
+import tarfile
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -40,7 +42,7 @@ from xobackup_core.formats.vhd_structs import (
     parse_header,
 )
 from xobackup_core.formats.vhd_writer import ParentLink, plan_vhd_stream
-from xobackup_core.formats.xva import XvaReader, XvaWriter
+from xobackup_core.formats.xva import OvaMetadata, XvaReader, XvaWriter
 from xobackup_hypervisor_xcpng.sim.codec import NULL_REF, XapiError, now, xml_value
 from xobackup_hypervisor_xcpng.sim.disks import (
     BLOCK_SIZE,
@@ -612,8 +614,13 @@ _CLEARED = {
 }
 
 
-def build_ova(xapi: PoolXapi, vm: str, *, preserve: bool) -> tuple[bytes, dict[str, Any]]:
-    """``ova.xml`` of a VM and its disks ``{Ref:n: (vdi ref, content copy)}`` (§5)."""
+def build_ova(
+    xapi: PoolXapi, vm: str, *, preserve: bool, disks: bool = True
+) -> tuple[bytes, dict[str, Any]]:
+    """``ova.xml`` of a VM and its disks ``{Ref:n: (vdi ref, content copy)}`` (§5).
+
+    ``disks=False`` (metadata exports) lists every VDI, snapshots the content of none.
+    """
     db = xapi.db
     record = db.record("VM", vm)
     objects: list[tuple[str, str]] = [("VM", vm)]
@@ -623,7 +630,7 @@ def build_ova(xapi: PoolXapi, vm: str, *, preserve: bool) -> tuple[bytes, dict[s
         vdi = db.record("VBD", vbd)["VDI"]
         if db.exists("VDI", vdi):
             sr = db.record("VDI", vdi)["SR"]
-            if db.record("SR", sr)["content_type"] != "iso" and vdi in xapi.disks:
+            if db.record("SR", sr)["content_type"] != "iso" and (vdi in xapi.disks or not disks):
                 disk_vdis.append(vdi)
                 objects.append(("VDI", vdi))
     suspend_vdi = record["suspend_VDI"]
@@ -687,8 +694,9 @@ def build_ova(xapi: PoolXapi, vm: str, *, preserve: bool) -> tuple[bytes, dict[s
         "export_vsn": 2,
     }
     metadata = xml_value({"version": version, "objects": entries}).encode()
-    disks = {ids[vdi]: (vdi, xapi.disks[vdi].copy()) for vdi in disk_vdis}
-    return metadata, disks
+    if not disks:
+        return metadata, {}
+    return metadata, {ids[vdi]: (vdi, xapi.disks[vdi].copy()) for vdi in disk_vdis}
 
 
 # -- /import (XVA) -------------------------------------------------------------------------------
@@ -779,8 +787,15 @@ def _create_imported(
     task: str,
     created: list[tuple[str, str]],
 ) -> tuple[list[str], dict[str, str]]:
+    vdis = _create_vdis(xapi, metadata, sr, restore, created)
+    return _create_vms(xapi, metadata, vdis, restore, task, created), vdis
+
+
+def _create_vdis(
+    xapi: PoolXapi, metadata: Any, sr: str, restore: bool, created: list[tuple[str, str]]
+) -> dict[str, str]:
+    """New empty VDIs for the archive's VDI objects: ``{Ref:n: new VDI ref}``."""
     db = xapi.db
-    by_id = {obj.id: obj for obj in metadata.objects}
     vdis: dict[str, str] = {}
     for obj in metadata.objects:
         if obj.cls != "VDI":
@@ -809,6 +824,20 @@ def _create_imported(
         vdi_type = fields.pop("type", "user")
         vdis[obj.id] = xapi.create_vdi(sr, label, size, vdi_type=vdi_type, **fields)
         created.append(("VDI", vdis[obj.id]))
+    return vdis
+
+
+def _create_vms(
+    xapi: PoolXapi,
+    metadata: Any,
+    vdis: dict[str, str],
+    restore: bool,
+    task: str,
+    created: list[tuple[str, str]],
+) -> list[str]:
+    """The archive's VMs with their VBDs (on ``vdis``) and VIFs; returns the VM refs."""
+    db = xapi.db
+    by_id = {obj.id: obj for obj in metadata.objects}
     vms: list[str] = []
     networks = db.tables["network"]
     for obj in metadata.objects:
@@ -889,7 +918,89 @@ def _create_imported(
             xapi._create_vif(vif)
         if not fields.get("is_a_snapshot"):
             vms.append(vm)
-    return vms, vdis
+    return vms
+
+
+# -- /export_metadata and /import_metadata (§4.6) ---------------------------------------------
+MAX_METADATA = 64 * 1024 * 1024
+
+
+def export_metadata(request: StreamRequest) -> None:
+    """GET /export_metadata?ref=|uuid=: a tar holding only ``ova.xml``, with Content-Length."""
+    db = request.xapi.db
+    if "ref" in request.query:
+        vm = db.resolve("VM", request.query["ref"])
+    else:
+        vm = db.by_uuid("VM", request.query.get("uuid", ""))
+    with db.lock:
+        ova_xml, _ = build_ova(request.xapi, vm, preserve=True, disks=False)
+    info = tarfile.TarInfo("ova.xml")
+    info.size = len(ova_xml)
+    info.mode = 0o400
+    archive = info.tobuf(tarfile.USTAR_FORMAT) + ova_xml + bytes(-len(ova_xml) % 512) + bytes(1024)
+    handler = request.handler
+    # built in memory and sent with its length, unlike every other download (§4.6)
+    handler.wfile.write(
+        (
+            "HTTP/1.0 200 OK\r\nConnection: close\r\nCache-Control: no-cache, no-store\r\n"
+            f"task-id: {request.task}\r\ncontent-type: application/octet-stream\r\n"
+            f"Content-Length: {len(archive)}\r\n"
+            'Content-Disposition: attachment; filename="export.xva"\r\n\r\n'
+        ).encode()
+        + archive
+    )
+    handler.close_connection = True
+    request.header_sent = True
+    request.xapi.finish_task(request.task, "")
+
+
+def import_metadata(request: StreamRequest) -> None:
+    """PUT /import_metadata[?restore=][&check_cpu=][&vdi:<Ref:n>=<uuid>]: VMs on existing VDIs."""
+    xapi = request.xapi
+    db = xapi.db
+    length = request.body_length()
+    if length is None or length > MAX_METADATA:
+        raise XapiError("INTERNAL_ERROR", "a Content-Length of at most 64 MiB is required")
+    restore = request.query.get("restore", "").lower() == "true"
+    check_cpu = request.query.get("check_cpu", "").lower() == "true"
+    created: list[tuple[str, str]] = []
+    request.start("HTTP/1.1", "text/plain")
+    data = request.body_reader(length).read_exactly(length)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+            member = archive.next()
+            if member is None or member.name != "ova.xml":
+                raise XapiError(
+                    "IMPORT_ERROR_UNEXPECTED_FILE", "ova.xml", member.name if member else ""
+                )
+            reader = archive.extractfile(member)
+            assert reader is not None
+            metadata = OvaMetadata.from_xml(reader.read())
+    except (tarfile.TarError, FormatError) as error:
+        raise XapiError("IMPORT_ERROR_GENERIC", str(error)) from None
+    vdis: dict[str, str] = {}
+    for obj in metadata.objects:
+        if obj.cls != "VDI":
+            continue
+        wanted = request.query.get(f"vdi:{obj.id}") or str(obj.snapshot.get("uuid", ""))
+        try:
+            vdis[obj.id] = db.by_uuid("VDI", wanted)
+        except XapiError:
+            raise XapiError("IMPORT_ERROR_FAILED_TO_FIND_OBJECT", obj.id) from None
+    try:
+        vms = _create_vms(xapi, metadata, vdis, restore, request.task, created)
+        if check_cpu:
+            for vm in vms:
+                if db.record("VM", vm)["power_state"] != "Halted":
+                    try:
+                        xapi.cpu_check(vm, xapi.master)
+                    except XapiError as error:
+                        # the VM does not exist yet as far as the client knows (§3.3)
+                        raise XapiError(error.code, NULL_REF, *error.params[1:]) from None
+    except XapiError:
+        _undo(xapi, created)
+        raise
+    _finish_stream(request, vms)
 
 
 # -- /import_raw_vdi -----------------------------------------------------------------------------
@@ -1001,9 +1112,11 @@ def _apply_vhd(request: StreamRequest, body: _Body, writer: VdiWriter, length: i
 
 DOWNLOADS: dict[str, Callable[[StreamRequest], None]] = {
     "/export": export_vm,
+    "/export_metadata": export_metadata,
     "/export_raw_vdi": export_raw_vdi,
 }
 UPLOADS: dict[str, Callable[[StreamRequest], None]] = {
     "/import": import_vm,
+    "/import_metadata": import_metadata,
     "/import_raw_vdi": import_raw_vdi,
 }
