@@ -360,3 +360,23 @@ def test_slow_snapshot_task_reports_progress(xapi_sim):
         time.sleep(0.05)
     assert any(0 < p < 1 for p in seen)
     assert float(api.task.get_progress(task)) == 1.0
+
+
+def test_checkpoint_failures_leave_the_vm_as_xapi_does(xapi_sim):
+    session = login(xapi_sim)
+    api = session.xenapi
+    vm = guest(session)
+    assert api.VM.get_power_state(vm) == "Running"
+    xapi_sim.fail_next_checkpoint("suspend")
+    with pytest.raises(XenAPI.Failure) as caught:
+        api.VM.checkpoint(vm, "mem")
+    assert caught.value.details == ["VM_CHECKPOINT_SUSPEND_FAILED", vm]
+    assert api.VM.get_power_state(vm) == "Running"
+    xapi_sim.fail_next_checkpoint("resume")
+    with pytest.raises(XenAPI.Failure) as caught:
+        api.VM.checkpoint(vm, "mem")
+    assert caught.value.details == ["VM_CHECKPOINT_RESUME_FAILED", vm]
+    assert api.VM.get_power_state(vm) == "Suspended"  # a driver must resume it
+    api.VM.resume(vm, False, False)
+    assert api.VM.get_power_state(vm) == "Running"
+    assert api.VM.checkpoint(vm, "mem")  # one-shot

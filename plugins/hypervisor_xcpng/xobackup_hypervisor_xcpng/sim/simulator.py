@@ -499,6 +499,13 @@ class Simulator:
         for p in self.pools if pool is None else [self.pools[pool]]:
             p.xapi.quiesce_mode = mode
 
+    def fail_next_checkpoint(self, stage: str, pool: int = 0) -> None:
+        """Make the next ``VM.checkpoint`` fail at ``suspend`` (the VM keeps running) or at
+        ``resume`` (the VM is left Suspended), as XAPI's checkpoints can."""
+        if stage not in ("suspend", "resume"):
+            raise ValueError(f"unknown checkpoint stage {stage!r}: suspend or resume")
+        self.pools[pool].xapi.checkpoint_failure = stage
+
     def set_host_cpu(self, host: str, vendor: str, features: str | None = None) -> None:
         """Give a host (ref, uuid or name) another CPU, to provoke CPU incompatibilities."""
         for pool in self.pools:

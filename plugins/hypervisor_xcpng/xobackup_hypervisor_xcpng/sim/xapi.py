@@ -127,6 +127,8 @@ class PoolXapi:
         self.in_flight = InFlight()
         self.disks: dict[str, VdiData] = {}
         """VDI ref -> content."""
+        self.checkpoint_failure: str | None = None
+        """``suspend`` or ``resume``: how the next ``VM.checkpoint`` fails (then None)."""
         self.quiesce_mode = "removed"
         """How ``VM.snapshot_with_quiesce`` answers: one of :data:`QUIESCE_MODES`."""
         self.host_ports: dict[str, tuple[str, int]] = {}
@@ -1305,7 +1307,14 @@ class PoolXapi:
     @_api("VM.checkpoint")
     def vm_checkpoint(self, session: str, vm: str, new_name: str) -> str:
         self._snapshot_common(vm, "checkpoint")
-        self._power_check(vm, ("Running", "Paused", "Suspended"))
+        record = self._power_check(vm, ("Running", "Paused", "Suspended"))
+        failure, self.checkpoint_failure = self.checkpoint_failure, None
+        if failure == "suspend":
+            raise XapiError("VM_CHECKPOINT_SUSPEND_FAILED", vm)
+        if failure == "resume" and record["power_state"] == "Running":
+            # the memory went to disk but the VM did not come back: it is left Suspended
+            self.vm_suspend(session, vm)
+            raise XapiError("VM_CHECKPOINT_RESUME_FAILED", vm)
         return self._with_operation(
             vm,
             "checkpoint",
