@@ -80,9 +80,11 @@ class TestS3RemoteOnSeaweed(RemoteConformance):
 def test_part_sizes_cover_huge_streams():
     from xobackup_remote_s3.remote import MAX_PARTS, MIN_PART_SIZE, first_part_size, part_size_for
 
-    assert part_size_for(1) == MIN_PART_SIZE
-    assert part_size_for(1000) == MIN_PART_SIZE
-    assert part_size_for(1001) == 2 * MIN_PART_SIZE
+    assert part_size_for(1) == part_size_for(50) == MIN_PART_SIZE
+    assert part_size_for(51) == part_size_for(100) == 2 * MIN_PART_SIZE
+    assert part_size_for(101) == part_size_for(1100) == 4 * MIN_PART_SIZE
+    assert part_size_for(1101) == 8 * MIN_PART_SIZE
+    assert sum(part_size_for(n) for n in range(1, 115)) >= 2**30  # 1 GiB in 114 parts
     covered = sum(part_size_for(n) for n in range(1, MAX_PARTS + 1))
     assert covered > 4.8 * 2**40  # S3's 5 TiB object limit, without any hint
     hint = 3 * 2**40
@@ -224,8 +226,12 @@ def test_server_stopped_mid_upload_never_publishes(tmp_path):
         server.stop()
 
 
-def test_size_hint_and_spooled_parts(moto_server):
+def test_size_hint_and_spooled_parts(moto_server, monkeypatch):
+    import xobackup_remote_s3.remote as s3_module
+
     from tests.servers.s3 import client
+
+    monkeypatch.setattr(s3_module, "MEMORY_PART_LIMIT", 16 * MiB)
 
     bucket = make_bucket(moto_server)
     s3 = client(moto_server)
