@@ -166,9 +166,10 @@ class StreamRequest:
                 self._raw_send(view[:keep])
                 view = view[keep:]
                 self._stalled.add(id(fault))
-                fault.wait(self.xapi.sim.stopping) if fault.seconds == 0 else time.sleep(
-                    fault.seconds
-                )
+                if fault.seconds:
+                    time.sleep(fault.seconds)
+                else:
+                    fault.wait(self.xapi.sim.stopping)
             if fault.kind == "corrupt" and self.sent <= fault.after_bytes < self.sent + len(view):
                 damaged = bytearray(view)
                 damaged[fault.after_bytes - self.sent] ^= 0xFF
@@ -348,6 +349,7 @@ def run(handler: RequestHandler, path: str, func: Callable[[StreamRequest], None
     if task and not xapi.db.exists("task", task):
         handler.html_error(404, "Not Found", f"HANDLE_INVALID: [ task; {task} ]")
         return
+    own_task = not task
     if not task:
         task = xapi.new_task(f"HTTP {path}", "")
     faults = xapi.sim.faults.match(xapi.index, (path,))
@@ -365,7 +367,10 @@ def run(handler: RequestHandler, path: str, func: Callable[[StreamRequest], None
                 raise StreamAborted(XapiError("VDI_IO_ERROR", "connection dropped"))
         func(request)
     except StreamEnd:
-        pass
+        # redirected: the host the client goes to next drives the work, with its own task
+        if own_task and xapi.db.exists("task", task):
+            if xapi.db.record("task", task)["status"] == "pending":
+                xapi.db.delete("task", task)
     except XapiError as error:
         xapi.finish_task(task, error=error)
         if not request.header_sent:
