@@ -69,6 +69,7 @@ from xobackup_core.remote import (
     normalize_path,
     parent_path,
 )
+from xobackup_remote_smb.fastwrite import WriteConnection
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,18 @@ class SmbRemote(Remote):
         other requests, and smbclient only signs it when the whole session is signed, so
         the share is connected here, signed, before smbclient looks for it.
         """
+        key = f"{self.host.lower()}:{self.port}"
+        connection = self._cache.get(key)
+        if connection is None or not connection.transport.connected:
+            # Our connection class, which smbclient then reuses for the session and shares.
+            connection = WriteConnection(
+                smbclient.ClientConfig().client_guid,
+                self.host,
+                self.port,
+                require_signing=self._kwargs["require_signing"],
+            )
+            connection.connect(timeout=self._kwargs["connection_timeout"])
+            self._cache[key] = connection
         session = smbclient.register_session(
             self.host,
             username=self._kwargs["username"],
@@ -481,22 +494,32 @@ class _SmbHandle:
         self.connection = self.open.connection
         self.session_id = self.open.tree_connect.session.session_id
         self.tree_id = self.open.tree_connect.tree_connect_id
+        self.fast_writes = isinstance(
+            self.connection, WriteConnection
+        ) and self.connection.can_send_write(self.open.tree_connect.session, self.open.tree_connect)
 
     def fail(self, error: BaseException, operation: str) -> RemoteError:
         return self.remote.error(error, operation, self.path)
 
     def send(self, message: Any, charge: int) -> Any:
-        """Send a request, asking for extra credits while the window is too small to keep
-        :attr:`SmbRemote.pipeline` requests in flight."""
+        """Send a request (see :meth:`_send_with_credits`)."""
+        return self._send_with_credits(
+            lambda extra: self.connection.send(
+                message, self.session_id, self.tree_id, credit_request=extra
+            ),
+            charge,
+        )
+
+    def _send_with_credits(self, send: Callable[[int], Any], charge: int) -> Any:
+        """Call ``send(credit_request)``, asking for extra credits while the window is too
+        small to keep :attr:`SmbRemote.pipeline` requests in flight."""
         window = self.connection.sequence_window
         for _ in range(8):
             self.ensure_credits(charge)
             wanted = charge * self.remote.pipeline * 2
             extra = charge * 2 if window["high"] - window["low"] < wanted else charge
             try:
-                return self.connection.send(
-                    message, self.session_id, self.tree_id, credit_request=min(extra, 512)
-                )
+                return send(min(extra, 512))
             except SMBException as error:
                 # Another thread took the credits between our check and the send.
                 if "credits" not in str(error):
@@ -558,8 +581,24 @@ class _SmbHandle:
 
     def write_request(self, offset: int, data: memoryview | bytes) -> Any:
         try:
+            if self.fast_writes:
+                connection = self.connection
+                return self._send_with_credits(
+                    lambda extra: connection.send_write(
+                        self.session_id,
+                        self.tree_id,
+                        self.open.file_id,
+                        offset,
+                        data,
+                        _charge(len(data)),
+                        extra,
+                    ),
+                    _charge(len(data)),
+                )
             message, _ = self.open.write(data, offset, send=False)
             return self.send(message, _charge(len(data)))
+        except RemoteError:
+            raise
         except Exception as error:
             raise self.fail(error, "write") from None
 
