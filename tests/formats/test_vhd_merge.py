@@ -319,3 +319,39 @@ def test_stale_state_files_are_removed(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="no longer exist"):
         resume_merges(remote, "/")
     assert os.listdir(tmp_path) == []
+
+
+def test_merge_grows_the_parent_for_a_resized_disk(tmp_path: Path) -> None:
+    """The child is larger (the VM disk was resized): the parent's BAT grows in place, moving
+    the block in its way, and the merged disk has the child's size and content."""
+    builder = ChainBuilder(tmp_path, seed=12)
+    small = 4 * BLOCK
+    base = builder.write(small, [{index: builder.block() for index in range(4)}])
+    with VhdFile.open(LocalFileSource(base.leaf)) as parent:
+        link = ParentLink(parent.uuid, base.leaf.name, parent.footer.timestamp)
+        first_block = parent.block_offset(0)
+    large = 150 * BLOCK  # 150 BAT entries need two sectors: block 0 is in the way
+    changed = {1: builder.block(), 140: builder.block()}
+    with open(tmp_path / "grown.vhd", "wb") as stream:
+        blocks = sorted(changed.items())
+        write_vhd_stream(stream.write, large, blocks, sorted(changed), parent=link)
+    expected = read_chain(tmp_path / "grown.vhd")
+    assert expected[:BLOCK] == bytes(base.expected[:BLOCK])
+    merge_vhd_chain(_local_remote(tmp_path), [base.leaf.name, "grown.vhd"])
+    assert sorted(os.listdir(tmp_path)) == ["grown.vhd"]
+    with VhdFile.open(LocalFileSource(tmp_path / "grown.vhd")) as merged:
+        assert merged.size == large
+        assert merged.block_count == 150
+        assert merged.block_offset(0) != first_block
+        verify_vhd_file(merged)
+    assert read_chain(tmp_path / "grown.vhd") == expected
+    # qemu-img agrees on the moved block and the grown BAT.
+    from tests.conftest import require_tool
+
+    out = tmp_path / "grown.raw"
+    options = f"driver=vpc,force_size_calc=current_size,file.filename={tmp_path / 'grown.vhd'}"
+    subprocess.run(
+        [require_tool("qemu-img"), "convert", "--image-opts", options, "-O", "raw", out],
+        check=True,
+    )
+    assert out.read_bytes() == expected

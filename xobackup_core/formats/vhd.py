@@ -41,6 +41,7 @@ import uuid as uuidlib
 from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import NamedTuple
 
 from xobackup_core.errors import FormatError
@@ -425,6 +426,53 @@ class VhdFile(WritableVhdDisk):
         self._bat[index] = offset // SECTOR_SIZE
         self._data_end = offset + self._block_span
         file.write_at(self.header.table_offset + 4 * index, bat_entry_bytes(self._bat[index]))
+
+    def grow_bat(self, entries: int) -> None:
+        """Let the BAT address ``entries`` blocks, for a disk that grows (a resized VM disk).
+
+        The BAT grows in place; blocks and locator data in its way are first copied to the end
+        of the file and repointed. Every step is safe to repeat after an interruption, and the
+        header, which makes the new size official, is written last.
+        """
+        if entries <= self.block_count:
+            return
+        header = self.header
+        if header is None:
+            raise FormatError("a fixed disk cannot grow in place", path=self.path, field="footer")
+        file = self._writable()
+        region_end = header.table_offset + bat_size(entries)
+        room = region_end - header.table_offset
+        if _overlaps(header.table_offset, room, self.footer.data_offset, HEADER_SIZE):
+            raise FormatError(
+                "the dynamic header sits right after the BAT: it cannot grow",
+                path=self.path,
+                field="header.table_offset",
+            )
+        for index, entry in enumerate(self._bat):
+            if entry != UNUSED_BAT_ENTRY and entry * SECTOR_SIZE < region_end:
+                block = self.read_block(index)
+                assert block is not None
+                offset = self._data_end
+                file.write_at(offset, b"".join((block.bitmap, block.data)))
+                self._bat[index] = offset // SECTOR_SIZE
+                self._data_end = offset + self._block_span
+                file.write_at(header.table_offset + 4 * index, bat_entry_bytes(self._bat[index]))
+        locators = []
+        for locator in header.parent_locators:
+            size = locator.data_space_bytes
+            if locator.platform_code and _overlaps(
+                locator.data_offset, size, header.table_offset, room
+            ):
+                data = self._read_exact(locator.data_offset, size, "parent locator")
+                offset = self._data_end
+                file.write_at(offset, data)
+                self._data_end = offset + -(-size // SECTOR_SIZE) * SECTOR_SIZE
+                locator = replace(locator, data_offset=offset)
+            locators.append(locator)
+        self._bat.extend([UNUSED_BAT_ENTRY] * (entries - len(self._bat)))
+        file.write_at(header.table_offset, build_bat(self._bat))
+        self.header = header.replace(max_table_entries=entries, parent_locators=tuple(locators))
+        self.write_header()
 
     def write_footer(self) -> None:
         file = self._writable()

@@ -180,14 +180,12 @@ def _merge(
         try:
             leaf = children[-1]
             _check_links(parent, children)
-            if leaf.size > parent.size and (
-                parent.header is None or -(-leaf.size // parent.block_size) > parent.block_count
-            ):
+            if leaf.size > parent.size and parent.header is None:
                 raise FormatError(
-                    f"the child ({leaf.size} bytes) is larger than the parent can address; "
-                    "growing a parent's BAT is not supported",
+                    f"the child ({leaf.size} bytes) is larger than this fixed parent; only "
+                    "dynamic parents can grow",
                     path=parent.path,
-                    field="header.max_table_entries",
+                    field="footer.current_size",
                 )
             folder = posixpath.dirname(state_path)
             if state is None:
@@ -201,6 +199,9 @@ def _merge(
                     "diskSize": leaf.size,
                 }
                 _write_state(remote, state_path, state)
+            # A resized disk: the parent grows first (§6.6), after the state file exists so
+            # an interruption is resumed.
+            parent.grow_bat(-(-leaf.size // parent.block_size))
             blocks = sorted(
                 {
                     index
