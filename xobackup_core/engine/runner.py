@@ -19,7 +19,6 @@ job of the process; the job's ``concurrency`` bounds VMs in flight.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import threading
 import time
@@ -36,7 +35,13 @@ from xobackup_core.engine.limits import LimitValues, PoolLimiter, shared_limiter
 from xobackup_core.engine.progress import Progress
 from xobackup_core.engine.repository import BackupMetadata, BackupRepository, format_timestamp
 from xobackup_core.engine.retention import entries_to_delete, period_tags
-from xobackup_core.engine.streams import Fanout, RateLimiter, Target, describe_error
+from xobackup_core.engine.streams import (
+    BackgroundDigest,
+    Fanout,
+    RateLimiter,
+    Target,
+    describe_error,
+)
 from xobackup_core.errors import FormatError, RemoteError, XobackupError
 from xobackup_core.formats.vhd_chain import open_vhd_chain
 from xobackup_core.formats.vhd_directory import (
@@ -448,18 +453,22 @@ class _VmBackup:
                     "export", {"type": "remote", "id": target.key, "isFull": True}, parent=self.task
                 )
                 writer = target.remote.open_write(path)
-                digest = hashlib.md5(usedforsecurity=False)
+                digest = BackgroundDigest("md5")
 
                 def write(chunk: bytes | memoryview, w: Any = writer, d: Any = digest) -> None:
                     w.write(chunk)
                     d.update(chunk)
+
+                def abort(w: Any = writer, d: Any = digest) -> None:
+                    w.abort()
+                    d.hexdigest()  # ends the digest's thread
 
                 fan_targets.append(
                     Target(
                         target.key,
                         write,
                         writer.commit,
-                        writer.abort,
+                        abort,
                         data={"target": target, "digest": digest, "path": path},
                     )
                 )

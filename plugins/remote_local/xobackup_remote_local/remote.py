@@ -27,7 +27,9 @@ from xobackup_core.remote import (
 )
 
 _WRITE_BUFFER = 8 * 1024 * 1024
-"""Data is handed to the kernel in 8 MiB writes: large enough to reach the disk's speed."""
+"""Small writes are gathered into 8 MiB writes: large enough to reach the disk's speed."""
+_DIRECT_WRITE = 1024 * 1024
+"""Writes of at least this size bypass the buffer."""
 
 
 def _fsync_dir(path: str) -> None:
@@ -64,7 +66,11 @@ class _LocalWriter(RemoteWriter):
 
     def _write(self, data: memoryview) -> None:
         try:
-            if not self._buffer and len(data) >= _WRITE_BUFFER:
+            if len(data) >= _DIRECT_WRITE:
+                # Large chunks go straight to the kernel: copying them into the buffer first
+                # would cost as much as the write itself.
+                if self._buffer:
+                    self._flush_buffer()
                 while data:
                     written = os.write(self._fd, data)
                     data = data[written:]
