@@ -61,6 +61,11 @@ def safe_name(name: str) -> str | None:
     return cleaned
 
 
+def valid_link_target(target: str | None) -> bool:
+    """A symlink target the system can store: not empty, no NUL byte (damaged data)."""
+    return bool(target) and "\x00" not in (target or "")
+
+
 def safe_relative_path(path: str) -> str | None:
     """A relative archive member name from any path: absolute roots, ``.``, ``..`` and empty
     segments are dropped. None when nothing is left."""
@@ -109,7 +114,9 @@ def walk(node: Node, name: str, warn: Warn) -> Iterator[tuple[str, Node]]:
         yield path, child
         if child.kind == DIRECTORY:
             if len(stack) >= MAX_DEPTH:
-                raise FormatError(f"folders nested deeper than {MAX_DEPTH} at {path}: a loop?")
+                raise FormatError(
+                    f"folders nested deeper than {MAX_DEPTH} at {path[:200]}...: a loop?"
+                )
             stack.append((path, _children(child, path)))
 
 
@@ -122,6 +129,9 @@ def _copy(node: Node, what: str, write: Callable[[bytes], object]) -> int:
             break
         write(chunk)
         copied += len(chunk)
+        if copied > node.size:
+            # A damaged run list can yield data without end: stop at the recorded size.
+            raise FormatError(f"{what} holds more data than its size, {node.size} bytes")
     if copied != node.size:
         raise FormatError(f"{what}: read {copied} bytes where the filesystem says {node.size}")
     return copied
@@ -133,7 +143,7 @@ def top_entries(items: list[tuple[str, Node]], warn: Warn) -> Iterator[tuple[str
     for path, node in items:
         base = [p for p in path.split("/") if p not in ("", ".")]
         if not base and node.kind == DIRECTORY:
-            for child in node.children():
+            for child in _children(node, "/"):
                 name = safe_name(child.name)
                 if name is None:
                     warn(f"skipped an entry named {child.name!r} in /")
@@ -237,6 +247,9 @@ class FolderWriter:
                     f"{os.path.join(self.root, relative)} is a folder; not replaced by a file"
                 )
         temp = f".{name[:200]}.restore-{secrets.token_hex(4)}"
+        if node.kind == SYMLINK and not valid_link_target(node.link_target):
+            self.warn(f"skipped {relative}: its link target holds a NUL byte or is empty")
+            return
         if node.kind == SYMLINK:
             os.symlink(node.link_target or "", temp, dir_fd=fd)
         elif node.kind == FILE:
@@ -344,6 +357,9 @@ def extract_to_tar(
                 info.type = tarfile.DIRTYPE
                 info.mode = 0o755
                 archive.addfile(info)
+            elif entry.kind == SYMLINK and not valid_link_target(entry.link_target):
+                warn(f"skipped {relative}: its link target holds a NUL byte or is empty")
+                continue
             elif entry.kind == SYMLINK:
                 info.type = tarfile.SYMTYPE
                 info.linkname = entry.link_target or ""
@@ -406,6 +422,9 @@ def extract_to_zip(
                 info = zipfile.ZipInfo(name + "/", stamp)
                 info.external_attr = (stat.S_IFDIR | 0o755) << 16 | 0x10
                 archive.writestr(info, b"")
+            elif entry.kind == SYMLINK and not valid_link_target(entry.link_target):
+                warn(f"skipped {relative}: its link target holds a NUL byte or is empty")
+                continue
             elif entry.kind == SYMLINK:
                 info = zipfile.ZipInfo(name, stamp)
                 info.create_system = 3  # Unix: the mode bits below say "symlink"

@@ -376,7 +376,26 @@ class FatReader:
     def open(self, stream: BinaryIO) -> Filesystem:
         from dissect.fat import FATFS
 
-        return _FatFilesystem(FATFS(stream))
+        fs = FATFS(stream)
+        _bound_cluster_chains(fs.fat)
+        return _FatFilesystem(fs)
+
+
+def _bound_cluster_chains(fat: Any) -> None:
+    """Make a looping cluster chain (damaged FAT) an error instead of an endless walk.
+
+    A chain can never be longer than the FAT has entries; the library follows ``next`` links
+    without that check, so its ``chain`` is wrapped on this instance."""
+    walk_chain = fat.chain
+    limit = int(fat.entry_count)
+
+    def chain(cluster: int) -> Iterator[int]:
+        for count, value in enumerate(walk_chain(cluster)):
+            if count >= limit:
+                raise FormatError(f"FAT cluster chain from cluster {cluster} loops")
+            yield value
+
+    fat.chain = chain
 
 
 # -- exFAT -------------------------------------------------------------------------------------

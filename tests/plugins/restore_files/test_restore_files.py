@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
 import tarfile
 import zipfile
 from pathlib import Path
@@ -36,10 +37,22 @@ from xobackup_core.plugins import Plugins
 
 require_module("dissect.volume")
 
-from xobackup_restore_files.browse import WHOLE_DISK, list_volumes, open_backup  # noqa: E402
-from xobackup_restore_files.extract import safe_name, safe_relative_path  # noqa: E402
-from xobackup_restore_files.readers import builtin_readers  # noqa: E402
+from xobackup_restore_files.browse import (  # noqa: E402
+    WHOLE_DISK,
+    list_volumes,
+    open_backup,
+    select_volume,
+)
+from xobackup_restore_files.extract import (  # noqa: E402
+    read_guest,
+    safe_name,
+    safe_relative_path,
+    walk,
+)
+from xobackup_restore_files.readers import FILE, builtin_readers  # noqa: E402
 from xobackup_restore_files.stream import DiskStream  # noqa: E402
+
+from xobackup_core.errors import XobackupError  # noqa: E402
 
 BLOCK = DEFAULT_BLOCK_SIZE
 
@@ -493,3 +506,60 @@ def test_vhd_directory_chain_with_aliases(remote, remote_url, gpt_backups, trees
     target = work / "out-directory"
     extract(remote_url, paths[-1], "0", "vgflr/data", target, "/")
     assert snapshot(target) == snapshot(trees["v2"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fat", "ext4", "ntfs"])
+def test_damaged_filesystems_fail_cleanly(mbr_backups, work, kind):
+    """Random bytes over a filesystem's metadata: browsing and extracting either work or raise
+    one of xobackup's errors (a message and exit code 3), never another exception."""
+    pristine = (work / "mbr-v2" / f"{kind}.img").read_bytes()
+    readers = builtin_readers()
+    outcomes = {"ok": 0, "error": 0}
+
+    def alarm(*_):
+        # Not an Exception: nothing on the way may turn it into a FormatError.
+        raise _Hang(f"reading a damaged {kind} filesystem did not finish")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    try:
+        for seed in range(25):
+            rng = random.Random(seed)
+            data = bytearray(pristine)
+            for _ in range(rng.choice((8, 64, 512))):
+                data[rng.randrange(256 * 1024)] = rng.randrange(256)
+            device = _MemoryDevice(bytes(data))
+            signal.alarm(20)
+            try:
+                volume = select_volume(list_volumes(DiskStream(device), readers), WHOLE_DISK)
+                filesystem = volume.open_filesystem()
+                root = read_guest("/", lambda fs=filesystem: fs.get("/"))
+                # Every entry, and the first MiB of each file: a damaged size can claim GiBs.
+                for path, node in walk(root, "", lambda m: None):
+                    if node.kind == FILE:
+                        stream = read_guest(path, node.open)
+                        read_guest(path, lambda s=stream: s.read(MIB))
+                outcomes["ok"] += 1
+            except XobackupError:
+                outcomes["error"] += 1
+            finally:
+                signal.alarm(0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert outcomes["ok"] + outcomes["error"] == 25
+
+
+class _Hang(BaseException):
+    pass
+
+
+class _MemoryDevice:
+    block_size = 1 * MIB
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    def read_block(self, index):
+        block = self.data[index * MIB : (index + 1) * MIB]
+        return block + bytes(MIB - len(block))
