@@ -268,3 +268,23 @@ def test_listing_and_delete_tree_across_pages(moto_server, monkeypatch):
         assert remote.list("/vm") == ["a", "b", "disks"]
         remote.delete_tree("/vm")
         assert remote.list("/") == []
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "transient"),
+    [("SlowDown", 503, True), ("InternalError", 500, True), ("AccessDenied", 403, False)],
+)
+def test_only_transient_errors_are_marked_retryable(moto_server, code, status, transient):
+    from botocore.exceptions import ClientError
+
+    with open_remote(moto_server, make_bucket(moto_server), name="cloud") as remote:
+        error = ClientError(
+            {
+                "Error": {"Code": code, "Message": "m"},
+                "ResponseMetadata": {"HTTPStatusCode": status},
+            },
+            "PutObject",
+        )
+        mapped = remote._map(error, "write", "/x")
+    assert mapped.transient is transient
+    assert "cloud" in str(mapped) and "/x" in str(mapped)

@@ -14,7 +14,12 @@ from tests.conftest import require, require_module, require_tool
 from tests.servers.sftp import public_key_fingerprint
 from xobackup_core.cli.main import cli
 from xobackup_core.config import Secret
-from xobackup_core.errors import RemoteConfigError, RemoteConnectionError, RemotePermissionError
+from xobackup_core.errors import (
+    RemoteConfigError,
+    RemoteConnectionError,
+    RemoteNotFoundError,
+    RemotePermissionError,
+)
 from xobackup_core.plugins import Plugins
 from xobackup_core.remote import is_temp_name
 from xobackup_core.testing import RemoteConformance, pattern
@@ -208,3 +213,24 @@ def test_secrets_are_refused_in_the_url_query(sftp_server):
     with pytest.raises(RemoteConfigError) as caught:
         SftpRemote.from_url(f"{sftp_server.url('q')}?password=Hunter2-secret", {"name": "q"})
     assert "password" in str(caught.value) and "Hunter2-secret" not in str(caught.value)
+
+
+def test_a_dropped_connection_is_retried_on_a_new_one():
+    from tests.servers.sftp import SftpServer
+
+    server = SftpServer.create().start()
+    try:
+        with _remote(server, "retry", retries=2, retry_backoff=0.05) as remote:
+            remote.write_bytes("/a.json", b"{}")
+            assert server.kill_sessions() > 0  # every pooled connection is now dead
+            assert remote.read_bytes("/a.json") == b"{}"
+            assert remote.list("/") == ["a.json"]
+    finally:
+        server.stop()
+
+
+def test_permanent_errors_are_not_retried(sftp_server):
+    with _remote(sftp_server, "no-retry", retries=5, retry_backoff=30) as remote:
+        # With a 30 s backoff a retried NotFound would hang the test; it must fail at once.
+        with pytest.raises(RemoteNotFoundError):
+            remote.stat("/missing")
