@@ -11,9 +11,21 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.scheduler.conftest import RunnerFactory, load, wait_until, write_config
+from xobackup_core.hookspecs import hookimpl
 from xobackup_core.logs.records import Status
 from xobackup_core.scheduler.clock import ManualClock
 from xobackup_core.scheduler.daemon import Daemon
+
+
+class Reports:
+    """A reporter plugin that remembers the runs it heard of."""
+
+    def __init__(self) -> None:
+        self.runs: list[dict] = []
+
+    @hookimpl
+    def xobackup_run_finished(self, run):
+        self.runs.append(dict(run))
 
 
 def epoch(*args: int) -> float:
@@ -178,6 +190,8 @@ def test_a_run_of_another_process_blocks_but_a_dead_one_does_not(tmp_path, store
     assert child.returncode == 0
     # a live one: this test process's own pending run, as a manual `xobackup run` would be
     live = store.start_run(job_id, "nightly", heartbeat_interval=None)
+    reports = Reports()
+    plugins.register(reports, "reports-for-tests")
     running = Running(path, store, plugins, epoch(2026, 5, 1, 12, 1))
     try:
         assert running.at(epoch(2026, 5, 1, 12, 5)) == []
@@ -196,6 +210,11 @@ def test_a_run_of_another_process_blocks_but_a_dead_one_does_not(tmp_path, store
     ]
     assert runs[1].result == {"message": f"the job is already running (run {live.run_id})"}
     assert runs[2].run_id == live.run_id
+    # reporters heard the swept run (at start-up) and the skipped one
+    assert [(r["runId"], r["status"]) for r in reports.runs] == [
+        (runs[3].run_id, "interrupted"),
+        (runs[1].run_id, "skipped"),
+    ]
 
 
 def test_sighup_style_reload_keeps_the_old_config_when_the_new_one_is_bad(
@@ -228,6 +247,8 @@ def test_sighup_style_reload_keeps_the_old_config_when_the_new_one_is_bad(
 
 def test_stop_waits_for_runs_then_marks_the_rest_interrupted(tmp_path, store, plugins):
     path = write_config(tmp_path, {"often": {"job": "nightly", "cron": "*/5 * * * *"}})
+    reports = Reports()
+    plugins.register(reports, "reports-for-tests")
     running = Running(path, store, plugins, epoch(2026, 5, 1, 12, 1), grace=0.3)
     running.factory.release.clear()
     running.clock.set(epoch(2026, 5, 1, 12, 5))
@@ -240,6 +261,7 @@ def test_stop_waits_for_runs_then_marks_the_rest_interrupted(tmp_path, store, pl
     assert "grace period" in run.result["message"]
     assert [task.status for task in run.tasks] == [Status.INTERRUPTED]
     assert running.daemon.abandoned == [run.run_id]
+    assert [(r["runId"], r["status"]) for r in reports.runs] == [(run.run_id, "interrupted")]
     running.factory.release.set()
 
 

@@ -248,6 +248,7 @@ class Daemon:
         swept = self.store.mark_interrupted()
         for run_id in swept:
             _log.warning("run %s was left pending by a dead process: marked interrupted", run_id)
+            self._report(run_id)
         _log.info("daemon started (pid %d): %d enabled schedule(s)", os.getpid(), len(self._plan))
         self._log_plan()
         for key in run_now:
@@ -371,4 +372,16 @@ class Daemon:
             if self.store.end_run(run.run_id, Status.INTERRUPTED, end, {"message": message}):
                 _log.warning("run %s (job %s) marked interrupted", run.run_id, run.job_name)
                 marked.append(run.run_id)
+                self._report(run.run_id)
         return marked
+
+    def _report(self, run_id: str) -> None:
+        """Tell the reporters about a run that ended without its process saying so (the
+        process died, or was stopped): Xen Orchestra reports those too (xo-backups.md §8.3)."""
+        record = self.store.get_run(run_id)
+        if record is None:
+            return
+        try:
+            self.plugins.run_finished(record.to_dict())
+        except Exception:  # a reporter must not stop the daemon
+            _log.exception("a reporter failed on run %s", run_id)
