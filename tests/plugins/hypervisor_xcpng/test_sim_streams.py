@@ -454,3 +454,25 @@ def test_metadata_export_and_import_onto_existing_disks(xapi_sim):
     assert api.VM.get_power_state(restored) == "Suspended"
     assert api.VM.get_suspend_VDI(restored) == memory
     assert disk_of(session, restored) == disk
+
+
+def test_added_vm_holds_a_loaded_image(xapi_sim, tmp_path):
+    image = tmp_path / "fs.img"
+    image.write_bytes(b"\x00" * 4096 + b"EXT4-ish superblock" + bytes(3 * MiB))
+    vm_uuid = xapi_sim.add_vm("web", disks=[4 * MiB, 8 * MiB], running=True, tags=["demo"])
+    session = login(xapi_sim)
+    api = session.xenapi
+    vm = api.VM.get_by_uuid(vm_uuid)
+    assert api.VM.get_power_state(vm) == "Running" and api.VM.get_tags(vm) == ["demo"]
+    disks = sorted(
+        (api.VBD.get_userdevice(b), api.VBD.get_VDI(b))
+        for b in api.VM.get_VBDs(vm)
+        if api.VBD.get_type(b) == "Disk"
+    )
+    assert [d for d, _ in disks] == ["0", "1"]
+    second = disks[1][1]
+    assert content(xapi_sim, second) == bytes(8 * MiB)  # empty until written
+    xapi_sim.load_image(second, image)
+    query = {"session_id": session._session, "vdi": second}
+    _, _, body = request(xapi_sim.pool(0).url, "GET", "/export_raw_vdi", query)
+    assert body == image.read_bytes() + bytes(8 * MiB - image.stat().st_size)

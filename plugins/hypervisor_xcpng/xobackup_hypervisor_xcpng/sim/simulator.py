@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,69 +335,131 @@ class Simulator:
         )
         tag_cycle = (["prod"], ["prod", "db"], ["test"], [])
         for v in range(vm_count):
-            vm = db.create(
-                "VM",
-                {
-                    "uuid": self._uuid(rng),
-                    "metrics": db.create("VM_metrics", {}),
-                    "name_label": f"pool{index}-vm{v:03d}",
-                    "name_description": "simulated guest",
-                    "tags": list(tag_cycle[v % len(tag_cycle)]),
-                    "other_config": {
-                        "mac_seed": self._uuid(rng),
-                        "base_template_name": "Debian Bullseye 11",
-                    },
-                    "ha_restart_priority": "restart" if v % 5 == 0 else "",
-                    "memory_static_max": 2 * GiB,
-                    "memory_dynamic_max": 2 * GiB,
-                    "memory_dynamic_min": GiB,
-                    "memory_static_min": GiB // 2,
-                    "VCPUs_max": 2,
-                    "VCPUs_at_startup": 2,
+            vm = self._create_guest(
+                xapi,
+                rng,
+                f"pool{index}-vm{v:03d}",
+                disks=[disk_size],
+                tags=tag_cycle[v % len(tag_cycle)],
+                ha_restart_priority="restart" if v % 5 == 0 else "",
+                allocated_blocks=allocated,
+                seed=derive_seed("disk", self.seed, index, v),
+                sr=shared,
+                network=network,
+            )
+            if v % 2 == 0:
+                xapi._boot(vm, hosts[v % len(hosts)], False)
+        return SimPool(index, xapi)
+
+    def _create_guest(
+        self,
+        xapi: PoolXapi,
+        rng: random.Random,
+        name: str,
+        *,
+        disks: Sequence[int],
+        tags: Sequence[str],
+        ha_restart_priority: str,
+        allocated_blocks: int,
+        seed: int,
+        sr: str,
+        network: str,
+    ) -> str:
+        """A Halted guest with its disks (``allocated_blocks`` generated blocks plus block 0
+        each, or empty when 0), an empty CD drive and a VIF; returns its ref."""
+        db = xapi.db
+        vm = db.create(
+            "VM",
+            {
+                "uuid": self._uuid(rng),
+                "metrics": db.create("VM_metrics", {}),
+                "name_label": name,
+                "name_description": "simulated guest",
+                "tags": list(tags),
+                "other_config": {
+                    "mac_seed": self._uuid(rng),
+                    "base_template_name": "Debian Bullseye 11",
                 },
-            )
-            vdi = xapi.create_vdi(
-                shared, f"pool{index}-vm{v:03d} disk 0", disk_size, uuid=self._uuid(rng)
-            )
+                "ha_restart_priority": ha_restart_priority,
+                "memory_static_max": 2 * GiB,
+                "memory_dynamic_max": 2 * GiB,
+                "memory_dynamic_min": GiB,
+                "memory_static_min": GiB // 2,
+                "VCPUs_max": 2,
+                "VCPUs_at_startup": 2,
+            },
+        )
+        for position, size in enumerate(disks):
+            vdi = xapi.create_vdi(sr, f"{name} disk {position}", size, uuid=self._uuid(rng))
             data = xapi.disks[vdi]
-            seed = derive_seed("disk", self.seed, index, v)
-            for b in sorted(
-                {
-                    0,
-                    *random.Random(seed).sample(
-                        range(data.block_count), min(allocated, data.block_count)
-                    ),
-                }
-            ):
-                data.set_generated(b, derive_seed(seed, b))
+            disk_seed = derive_seed(seed, position)
+            if allocated_blocks:
+                picked = random.Random(disk_seed).sample(
+                    range(data.block_count), min(allocated_blocks, data.block_count)
+                )
+                for index in sorted({0, *picked}):
+                    data.set_generated(index, derive_seed(disk_seed, index))
             db.update("VDI", vdi, physical_utilisation=len(data.blocks) * BLOCK_SIZE)
             xapi._create_vbd(
                 {
                     "VM": vm,
                     "VDI": vdi,
-                    "userdevice": "0",
-                    "device": "xvda",
-                    "bootable": True,
+                    "userdevice": str(position if position < 3 else position + 1),
+                    "device": f"xvd{chr(ord('a') + (position if position < 3 else position + 1))}",
+                    "bootable": position == 0,
                     "type": "Disk",
                     "mode": "RW",
                 }
             )
-            xapi._create_vbd(
-                {
-                    "VM": vm,
-                    "VDI": NULL_REF,
-                    "userdevice": "3",
-                    "device": "xvdd",
-                    "type": "CD",
-                    "mode": "RO",
-                    "empty": True,
-                }
+        xapi._create_vbd(
+            {
+                "VM": vm,
+                "VDI": NULL_REF,
+                "userdevice": "3",
+                "device": "xvdd",
+                "type": "CD",
+                "mode": "RO",
+                "empty": True,
+            }
+        )
+        mac = "02:" + ":".join(f"{rng.getrandbits(8):02x}" for _ in range(5))
+        xapi._create_vif({"VM": vm, "network": network, "device": "0", "MAC": mac})
+        return vm
+
+    def add_vm(
+        self,
+        name: str,
+        *,
+        pool: int = 0,
+        disks: Sequence[int] = (GiB,),
+        running: bool = False,
+        tags: Sequence[str] = (),
+        allocated_blocks: int = 0,
+    ) -> str:
+        """Add a guest to a pool, its disks on the default SR (empty unless
+        ``allocated_blocks``); returns its uuid. Fill disks with :meth:`load_image`."""
+        xapi = self.pools[pool].xapi
+        db = xapi.db
+        with db.lock:
+            pool_record = db.record("pool", xapi.pool_ref)
+            network = next(
+                ref for ref, net in db.tables["network"].items() if net["bridge"] == "xenbr0"
             )
-            mac = "02:" + ":".join(f"{rng.getrandbits(8):02x}" for _ in range(5))
-            xapi._create_vif({"VM": vm, "network": network, "device": "0", "MAC": mac})
-            if v % 2 == 0:
-                xapi._boot(vm, hosts[v % len(hosts)], False)
-        return SimPool(index, xapi)
+            vm = self._create_guest(
+                xapi,
+                random.Random(),
+                name,
+                disks=disks,
+                tags=tags,
+                ha_restart_priority="",
+                allocated_blocks=allocated_blocks,
+                seed=derive_seed("added", self.seed, pool, name),
+                sr=pool_record["default_SR"],
+                network=network,
+            )
+            if running:
+                xapi._boot(vm, xapi.master, False)
+            return db.record("VM", vm)["uuid"]
 
     def _sr(
         self,
