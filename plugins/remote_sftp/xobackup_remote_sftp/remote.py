@@ -51,6 +51,7 @@ from xobackup_core.errors import (
     RemoteConfigError,
     RemoteConnectionError,
     RemoteError,
+    RemoteNoSpaceError,
     RemoteNotFoundError,
     RemotePermissionError,
     RemoteTimeoutError,
@@ -501,7 +502,7 @@ class _SftpWriter(RemoteWriter):
                 data = data[size:]
             self._tail += data
         except Exception as error:
-            raise self._remote._map(error, "write", self._path) from None
+            raise self._remote._write_error(self._session, error, "write", self._path) from None
 
     def _commit(self) -> None:
         assert self._session is not None
@@ -516,7 +517,7 @@ class _SftpWriter(RemoteWriter):
             self._file.close()
             self._remote._replace(self._session, self._temp, self._final)
         except Exception as error:
-            raise self._remote._map(error, "write", self._path) from None
+            raise self._remote._write_error(self._session, error, "write", self._path) from None
         session, self._session = self._session, None
         self._remote._release(session)
 
@@ -563,7 +564,7 @@ class _SftpFile(RemoteFile):
         except RemoteError:
             raise
         except Exception as error:
-            raise self._remote._map(error, operation, self._path) from None
+            raise self._remote._write_error(self._session, error, operation, self._path) from None
 
     def read_at(self, offset: int, length: int) -> bytes:
         def read(session: _Session) -> bytes:
@@ -999,27 +1000,49 @@ class SftpRemote(Remote):
         path = normalize_path(path)
         self._run("makedirs", path, lambda s: self._makedirs_on(s, path))
 
+    def _available_on(self, session: _Session) -> int | None:
+        """Bytes available to the user where the root lives (statvfs@openssh.com), or None."""
+        if not self._statvfs_supported:
+            return None
+        try:
+            kind, message = session.sftp._request(
+                CMD_EXTENDED, "statvfs@openssh.com", self._abs("/")
+            )
+        except OSError as error:
+            if _is_unsupported(error):
+                self._statvfs_supported = False
+                return None
+            raise
+        if kind != CMD_EXTENDED_REPLY:
+            return None
+        _block_size, fragment_size, _blocks, _free = (message.get_int64() for _ in range(4))
+        available = message.get_int64()
+        return available * fragment_size
+
+    def _write_error(
+        self, session: _Session | None, error: BaseException, operation: str, path: str
+    ) -> RemoteError:
+        """Map a failed write; OpenSSH reports a full disk as a bare "Failure", so look."""
+        mapped = self._map(error, operation, path)
+        if type(mapped) is RemoteError and session is not None and session.alive:
+            try:
+                available = self._available_on(session)
+            except Exception:
+                available = None
+            if available is not None and available < 1024 * 1024:
+                return RemoteNoSpaceError(
+                    f"the server's disk is full ({available} bytes left; it said "
+                    f"{mapped.detail!r})",
+                    remote=self.name,
+                    operation=operation,
+                    path=path,
+                )
+        return mapped
+
     def free_space(self) -> int | None:
         if not self._statvfs_supported:
             return None
-
-        def statvfs(session: _Session) -> int | None:
-            try:
-                kind, message = session.sftp._request(
-                    CMD_EXTENDED, "statvfs@openssh.com", self._abs("/")
-                )
-            except OSError as error:
-                if _is_unsupported(error):
-                    self._statvfs_supported = False
-                    return None
-                raise
-            if kind != CMD_EXTENDED_REPLY:
-                return None
-            _block_size, fragment_size, _blocks, _free = (message.get_int64() for _ in range(4))
-            available = message.get_int64()
-            return available * fragment_size
-
-        return self._run("free_space", "/", statvfs)
+        return self._run("free_space", "/", self._available_on)
 
     def close(self) -> None:
         with self._lock:

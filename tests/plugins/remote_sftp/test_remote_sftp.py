@@ -17,6 +17,7 @@ from xobackup_core.config import Secret
 from xobackup_core.errors import (
     RemoteConfigError,
     RemoteConnectionError,
+    RemoteNoSpaceError,
     RemoteNotFoundError,
     RemotePermissionError,
 )
@@ -234,3 +235,23 @@ def test_permanent_errors_are_not_retried(sftp_server):
         # With a 30 s backoff a retried NotFound would hang the test; it must fail at once.
         with pytest.raises(RemoteNotFoundError):
             remote.stat("/missing")
+
+
+def test_full_disk_is_reported_as_no_space(sftp_server):
+    require(os.geteuid() == 0, "root (to mount a small tmpfs)")
+    small = sftp_server.data_dir / "small"
+    small.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0777", "tmpfs", str(small)], check=True
+    )
+    try:
+        with _remote(sftp_server, "small", name="tiny") as remote:
+            with pytest.raises(RemoteNoSpaceError) as caught:
+                with remote.open_write("/vm/backup.xva") as writer:
+                    for _ in range(8):
+                        writer.write(pattern(MiB))
+            assert "tiny" in str(caught.value) and "/vm/backup.xva" in str(caught.value)
+            assert remote.list("/vm") == []
+            assert os.listdir(small / "vm") == []  # the temporary file was removed
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
