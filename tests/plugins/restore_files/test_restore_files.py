@@ -575,3 +575,41 @@ class _DamagedDevice:
             if index * MIB <= offset < (index + 1) * MIB:
                 block[offset - index * MIB] = value
         return bytes(block)
+
+
+def test_remote_by_config_name(remote, mbr_backups, work):
+    """BACKUP as ``<remote name>:<vm>/<timestamp>`` with the remote from the config file."""
+    config = work / "config.toml"
+    config.write_text(f"[remotes.nas]\nurl = 'file://{remote.root}'\n")
+    stamp = mbr_backups["paths"][-1].rsplit("/", 1)[1][: -len(".json")]
+    result = invoke(
+        "--config",
+        str(config),
+        "files",
+        "ls",
+        f"nas:{mbr_backups['vm']}/{stamp}",
+        "0",
+        "2",
+        "/only-in-v2.txt",
+    )
+    assert result.exit_code == 0, result.output
+    assert "only-in-v2.txt" in result.output
+    unknown = invoke("--config", str(config), "files", "ls", f"elsewhere:{mbr_backups['vm']}/x")
+    assert unknown.exit_code == 2 and "unknown remote 'elsewhere'" in unknown.output
+
+
+def test_plugin_declares_its_readers_and_command():
+    plugins = Plugins(autoload=False, only=["restore_files"])
+    assert {p.name for p in plugins.provided("file-reader")} == {
+        "partition-table",
+        "lvm",
+        "ext",
+        "xfs",
+        "btrfs",
+        "ntfs",
+        "fat",
+        "exfat",
+    }
+    assert [p.name for p in plugins.provided("command")] == ["files"]
+    kinds = {getattr(reader, "kind", None) for reader in plugins.file_readers()}
+    assert kinds == {"volumes", "filesystem"}
