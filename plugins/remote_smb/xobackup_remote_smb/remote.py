@@ -258,31 +258,34 @@ class SmbRemote(Remote):
         the share is connected here, signed, before smbclient looks for it.
         """
         key = f"{self.host.lower()}:{self.port}"
+        share = rf"\\{self.host}\{self.share}"
         connection = self._cache.get(key)
-        if connection is None or not connection.transport.connected:
-            # Our connection class, which smbclient then reuses for the session and shares.
-            connection = WriteConnection(
-                smbclient.ClientConfig().client_guid,
+        if connection is not None and connection.transport.connected:
+            for session in connection.session_table.values():
+                if any(tree.share_name == share for tree in session.tree_connect_table.values()):
+                    return
+        with self._tree_lock:  # one thread (re)connects; the others then find it done
+            connection = self._cache.get(key)
+            if connection is None or not connection.transport.connected:
+                # Our connection class, which smbclient then reuses for the session and shares.
+                connection = WriteConnection(
+                    smbclient.ClientConfig().client_guid,
+                    self.host,
+                    self.port,
+                    require_signing=self._kwargs["require_signing"],
+                )
+                connection.connect(timeout=self._kwargs["connection_timeout"])
+                self._cache[key] = connection
+            session = smbclient.register_session(
                 self.host,
-                self.port,
+                username=self._kwargs["username"],
+                password=self._kwargs["password"],
+                port=self.port,
+                encrypt=self._kwargs["encrypt"],
+                connection_timeout=self._kwargs["connection_timeout"],
+                connection_cache=self._cache,
                 require_signing=self._kwargs["require_signing"],
             )
-            connection.connect(timeout=self._kwargs["connection_timeout"])
-            self._cache[key] = connection
-        session = smbclient.register_session(
-            self.host,
-            username=self._kwargs["username"],
-            password=self._kwargs["password"],
-            port=self.port,
-            encrypt=self._kwargs["encrypt"],
-            connection_timeout=self._kwargs["connection_timeout"],
-            connection_cache=self._cache,
-            require_signing=self._kwargs["require_signing"],
-        )
-        share = rf"\\{self.host}\{self.share}"
-        if any(tree.share_name == share for tree in session.tree_connect_table.values()):
-            return
-        with self._tree_lock:
             if any(tree.share_name == share for tree in session.tree_connect_table.values()):
                 return
             sign_now = not session.signing_required and session.signing_key is not None
