@@ -108,7 +108,7 @@ class RunnerFactory:
         return [fired for runner in self.runners for fired in runner.fired]
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -59,13 +59,13 @@ class DaemonProcess:
     def log(self) -> str:
         return "".join(self.lines)
 
-    def wait_log(self, text: str, timeout: float = 20.0) -> None:
+    def wait_log(self, text: str, timeout: float = 30.0) -> None:
         wait_until(lambda: text in self.log, timeout, what=f"{text!r} in:\n{self.log}")
 
     def signal(self, number: int) -> None:
         self.process.send_signal(number)
 
-    def wait(self, timeout: float = 20.0) -> int:
+    def wait(self, timeout: float = 30.0) -> int:
         code = self.process.wait(timeout)
         self._reader.join(5)
         return code
