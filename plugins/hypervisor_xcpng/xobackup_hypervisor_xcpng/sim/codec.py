@@ -8,6 +8,7 @@ which is several times faster than :func:`xmlrpc.client.dumps` on large record m
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 import xmlrpc.client
@@ -165,9 +166,17 @@ def parse_value_fragment(text: str) -> Any:
     return _from_xmlrpc(params[0])
 
 
+def _json_default(value: Any) -> str:
+    # Records imported from an XVA's ova.xml carry parsed datetimes: JSON-RPC sends them as
+    # XAPI's datetime strings, like the DateTime values the simulator makes itself.
+    if isinstance(value, datetime.datetime):
+        return value.strftime("%Y%m%dT%H:%M:%SZ")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def json_dumps(value: Any) -> bytes:
     """Compact JSON; :class:`DateTime` values are plain strings there (§1.3)."""
-    return json.dumps(value, separators=(",", ":")).encode()
+    return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
 
 
 def jsonrpc_reply(request: dict[str, Any], call: Callable[[str, list[Any]], Any]) -> dict[str, Any]:
