@@ -164,16 +164,33 @@ class HypervisorDriver(ABC):
         """Stream a disk: full, or as a delta against ``base_vdi_uuid`` (whole 2 MiB blocks)."""
 
     @abstractmethod
-    def import_vm(self, stream: BinaryIO, *, sr_uuid: str) -> str:
-        """Import an XVA stream onto an SR; return the new VM's UUID."""
+    def import_vm(self, stream: BinaryIO, *, sr_uuid: str, size: int | None = None) -> str:
+        """Import an XVA stream onto an SR; return the new VM's UUID.
+
+        ``size`` is the stream's exact length when known (XAPI wants a Content-Length).
+        """
 
     @abstractmethod
-    def import_disk(self, vdi_uuid: str, stream: BinaryIO, *, format: DiskFormat = "vhd") -> None:
-        """Write a disk image (full VHD, delta VHD, or raw) into an existing VDI."""
+    def import_disk(
+        self,
+        vdi_uuid: str,
+        stream: BinaryIO,
+        *,
+        format: DiskFormat = "vhd",
+        size: int | None = None,
+    ) -> None:
+        """Write a disk image (full VHD, delta VHD, or raw) of ``size`` bytes into a VDI."""
 
     @abstractmethod
-    def create_disk(self, *, sr_uuid: str, name: str, virtual_size: int) -> str:
-        """Create an empty VDI on an SR; return its UUID."""
+    def create_disk(
+        self, *, sr_uuid: str, name: str, virtual_size: int, vdi_type: str = "user"
+    ) -> str:
+        """Create an empty VDI on an SR; return its UUID (``vdi_type="suspend"`` for a
+        memory image)."""
+
+    @abstractmethod
+    def destroy_disk(self, vdi_uuid: str) -> None:
+        """Destroy a VDI."""
 
     @abstractmethod
     def create_vm(
@@ -183,10 +200,14 @@ class HypervisorDriver(ABC):
         sr_uuid: str,
         disks: Mapping[str, str],
         suspend_vdi_uuid: str | None = None,
+        networks: Mapping[str, str] | None = None,
     ) -> str:
-        """Create a VM from backup metadata (the ``vm``/``vmSnapshot`` record).
+        """Create a VM from backup metadata (the ``vm``/``vmSnapshot`` record, with the
+        ``vbds``/``vdis``/``vifs`` maps of a delta backup when there are some).
 
-        ``disks`` maps the metadata's VDI UUIDs to VDIs already created on the target. With
+        ``disks`` maps the metadata's VDI UUIDs to VDIs already created on the target;
+        ``networks`` maps source network UUIDs to target ones (unmapped networks are matched
+        by UUID, then by name and VLAN). With
         ``suspend_vdi_uuid`` the VM is created Suspended on flavours that can; others raise a
         :class:`~xobackup_core.errors.HypervisorError` saying the flavour cannot.
         """

@@ -23,6 +23,7 @@ from xobackup_core.cli import (
     logs_cmd,
     plugins_cmd,
     remote_cmd,
+    restore_cmd,
     run_cmd,
     vhd_cmd,
 )
@@ -84,6 +85,7 @@ for module in (
     remote_cmd,
     run_cmd,
     backups_cmd,
+    restore_cmd,
     logs_cmd,
     vhd_cmd,
     daemon_cmd,
