@@ -71,6 +71,9 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = SERVER_HEADER
+    # headers and body leave in separate writes: with Nagle's algorithm the tail of a reply
+    # would wait for the client's delayed ACK (40 ms per call on keep-alive connections)
+    disable_nagle_algorithm = True
     sys_version = ""
     # Headers and body go out in separate writes; with Nagle's algorithm on, each small answer
     # would wait for the client's delayed ACK (about 40 ms per call).
