@@ -124,6 +124,7 @@ class RunGuard:
         self._watched: list[tuple[Deadline, Callable[[RunTimeoutError], None]]] = []
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self._wakeup = threading.Event()  # a new deadline to watch, or the end
         self._thread: threading.Thread | None = None
 
     def on_stop(self, callback: Callable[[XobackupError], None]) -> Callable[[], None]:
@@ -154,6 +155,7 @@ class RunGuard:
         entry = (deadline, callback)
         with self._lock:
             self._watched.append(entry)
+        self._wakeup.set()  # the watcher may be asleep for longer than this deadline
 
         def unwatch() -> None:
             with self._lock:
@@ -233,7 +235,8 @@ class RunGuard:
                 deadlines = [self.deadline] + [deadline for deadline, _ in self._watched]
             lefts = [d.remaining() for d in deadlines]
             wait = min([self.poll_interval] + [left for left in lefts if left is not None])
-            self._done.wait(max(0.01, wait))
+            self._wakeup.wait(max(0.01, wait))
+            self._wakeup.clear()
 
     def start(self) -> RunGuard:
         """Start watching in a daemon thread."""
@@ -246,6 +249,7 @@ class RunGuard:
     def stop(self) -> None:
         """Stop watching (the run ended)."""
         self._done.set()
+        self._wakeup.set()
         if self._thread is not None:
             self._thread.join()
 
