@@ -153,12 +153,23 @@ def test_session_invalid_after_a_simulated_restart(xapi_sim):
     assert sdk.xenapi.VM.get_all()  # the SDK logs in again by itself
 
 
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def test_in_flight_counters_prove_concurrency(xapi_sim):
     session = login(xapi_sim)
     vms = [guest(session, f"vm{i:03d}") for i in range(3)]
-    xapi_sim.arm("VM.snapshot", "delay", seconds=0.5, times=None)
     counters = xapi_sim.pool(0).in_flight
+    # snapshots held until all three are in flight, whatever the machine's speed
+    hold = xapi_sim.arm("VM.snapshot", "hang", times=None)
     tasks = [session.xenapi.Async.VM.snapshot(vm, "parallel") for vm in vms]
+    wait_until(lambda: counters.current["snapshot"] == 3, "three snapshots in flight")
+    hold.release()
     assert all(wait_task(session, t)["status"] == "success" for t in tasks)
     assert counters.maximum["snapshot"] == 3 and counters.current["snapshot"] == 0
     counters.reset()
@@ -166,8 +177,8 @@ def test_in_flight_counters_prove_concurrency(xapi_sim):
     for vm in vms:
         session.xenapi.VM.snapshot(vm, "sequential")
     assert counters.maximum["snapshot"] == 1
-    # disk exports, slowed down so that two overlap
-    xapi_sim.arm("/export_raw_vdi", "throttle", rate=64 * MiB, times=None)
+    # two disk exports, both stalled after their first MiB until released
+    stall = xapi_sim.arm("/export_raw_vdi", "stall", after_bytes=MiB, times=None)
     url = xapi_sim.pool(0).url
     disks = [disk_of(session, vm) for vm in vms[:2]]
     threads = [
@@ -179,6 +190,8 @@ def test_in_flight_counters_prove_concurrency(xapi_sim):
     ]
     for thread in threads:
         thread.start()
+    wait_until(lambda: counters.current["disk_export"] == 2, "two exports in flight")
+    stall.release()
     for thread in threads:
         thread.join(30)
     assert counters.maximum["disk_export"] == 2 and counters.current["disk_export"] == 0
@@ -352,7 +365,7 @@ def test_restart_renumbers_refs_and_drops_sessions(xapi_sim):
 def test_slow_snapshot_task_reports_progress(xapi_sim):
     session = login(xapi_sim)
     api = session.xenapi
-    xapi_sim.arm("VM.snapshot", "delay", seconds=1.0)
+    xapi_sim.arm("VM.snapshot", "delay", seconds=2.0)
     task = api.Async.VM.snapshot(guest(session), "slow")
     seen = set()
     while api.task.get_status(task) == "pending":
