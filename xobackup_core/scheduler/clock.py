@@ -19,8 +19,9 @@ class Clock(Protocol):
         """The current time, seconds since the Unix epoch (UTC)."""
         ...
 
-    def wait(self, seconds: float, wake: threading.Event) -> bool:
-        """Wait ``seconds`` or until ``wake`` is set; True when ``wake`` was set."""
+    def sleep_until(self, moment: float, wake: threading.Event) -> bool:
+        """Wait until ``moment`` (Unix time) or until ``wake`` is set; True when ``wake`` was
+        set. May return early (the caller looks at the time again)."""
         ...
 
 
@@ -33,8 +34,8 @@ class SystemClock:
     def now(self) -> float:
         return time.time()
 
-    def wait(self, seconds: float, wake: threading.Event) -> bool:
-        return wake.wait(max(0.0, min(seconds, self.max_slice)))
+    def sleep_until(self, moment: float, wake: threading.Event) -> bool:
+        return wake.wait(max(0.0, min(moment - time.time(), self.max_slice)))
 
 
 class ManualClock:
@@ -50,9 +51,9 @@ class ManualClock:
         with self._changed:
             return self._now
 
-    def wait(self, seconds: float, wake: threading.Event) -> bool:
+    def sleep_until(self, moment: float, wake: threading.Event) -> bool:
         with self._changed:
-            until = self._now + max(0.0, seconds)
+            until = moment
             self._next_id += 1
             wait_id = self._next_id
             self._sleepers[wait_id] = until

@@ -268,7 +268,7 @@ class Daemon:
             if due:
                 continue
             upcoming = min((p.next_at for p in self._plan.values()), default=now + 3600)
-            if self.clock.wait(upcoming - now, self._wake):
+            if self.clock.sleep_until(upcoming, self._wake):
                 self._wake.clear()
         self._shutdown()
 
