@@ -110,6 +110,22 @@ def test_files_land_in_the_share_with_the_final_name_only(smb_server):
     assert os.listdir(on_disk.parent) == ["disk.vhd"]
 
 
+def test_read_ahead_stops_at_the_end_and_is_collected_on_close(smb_server):
+    data = pattern(10 * MiB + 123, seed=5)
+    with _remote(smb_server, "readahead") as remote:
+        remote.write_bytes("/f", data)
+        connection = next(iter(remote._cache.values()))
+        before = len(connection.outstanding_requests)
+        with remote.open_read("/f") as stream:
+            assert stream.read(MiB) == data[:MiB]  # closed with READs still in flight
+        with remote.open_read("/f", 3 * MiB + 5) as stream:
+            assert stream.read() == data[3 * MiB + 5 :]
+        with remote.open_read("/f", MiB - 1, 2 * MiB + 2) as stream:
+            assert b"".join(iter(lambda: stream.read(100_000), b"")) == data[MiB - 1 : 3 * MiB + 1]
+        assert len(connection.outstanding_requests) <= before + 2
+        assert remote.read_bytes("/f") == data
+
+
 def test_free_space_matches_the_server_filesystem(smb_server):
     with _remote(smb_server, "space") as remote:
         free = remote.free_space()
