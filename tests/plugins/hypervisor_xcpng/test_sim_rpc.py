@@ -239,6 +239,8 @@ def test_parameter_count_unknown_method_and_map_rules(xapi_sim):
     )
     names = sorted(v["name_label"] for v in where.values())
     assert names == ["pool0-vm001", "pool0-vm003"]
+    host = api.host.get_all()[0]
+    assert str(api.host.get_servertime(host)).endswith("Z")
     methods = XenAPI.Session(xapi_sim.pool(0).url).system.listMethods()["Value"]
     assert "VM.get_all_records" in methods and "Async.VM.snapshot" in methods
 

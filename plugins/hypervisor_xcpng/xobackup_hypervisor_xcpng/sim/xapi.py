@@ -505,6 +505,16 @@ class PoolXapi:
     def get_this_host(self, session: str, self_session: str) -> str:
         return self.master
 
+    @_api("host.get_servertime", asyncable=False)
+    def host_get_servertime(self, session: str, host: str) -> DateTime:
+        self._check_ref("host", host)
+        return now()
+
+    @_api("SR.scan")
+    def sr_scan(self, session: str, sr: str) -> str:
+        self._check_ref("SR", sr)
+        return ""
+
     @_api("system.listMethods", session=False, asyncable=False)
     def list_methods(self) -> list[str]:
         names = sorted(self.methods)
