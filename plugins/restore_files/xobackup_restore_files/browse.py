@@ -289,12 +289,15 @@ class BackupBrowser:
         self.readers = list(readers)
         self.disks = backup_disks(backup)
         self._chains: list[VhdChain] = []
+        self._streams: list[DiskStream] = []
 
     def open_disk(self, wanted: str) -> tuple[DiskInfo, DiskStream]:
         disk = select_disk(self.disks, wanted)
         chain = open_disk_chain(self.remote, disk)
         self._chains.append(chain)
-        return disk, DiskStream(chain)
+        stream = DiskStream(chain)
+        self._streams.append(stream)
+        return disk, stream
 
     def volumes(self, wanted_disk: str) -> list[Volume]:
         _, stream = self.open_disk(wanted_disk)
@@ -304,6 +307,10 @@ class BackupBrowser:
         return select_volume(self.volumes(wanted_disk), wanted_volume).open_filesystem()
 
     def close(self) -> None:
+        # Streams first: their read-ahead threads may still be reading from the chains.
+        for stream in self._streams:
+            stream.close()
+        self._streams.clear()
         for chain in self._chains:
             chain.close()
         self._chains.clear()

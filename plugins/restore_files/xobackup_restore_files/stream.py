@@ -5,17 +5,25 @@ The parsers read in small pieces (a superblock, an inode, a directory block) and
 to the same places, while :class:`~xobackup_core.formats.vhd_chain.VhdChain` reads whole blocks
 (2 MiB) from the remote. A small LRU cache of composed blocks sits between them, so browsing
 costs a handful of range reads and streaming a file costs one read per block. Memory is bounded
-by the cache: ``cache_blocks`` × block size.
+by the cache: ``cache_blocks`` × block size, plus ``READ_AHEAD`` blocks.
+
+When blocks are read in order (a file being copied out), the next ones are fetched in a
+background thread while the current one is used, so the remote's latency overlaps the parsing
+and writing (the core reads VHD blocks ahead the same way).
 """
 
 from __future__ import annotations
 
 import io
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 DEFAULT_CACHE_BLOCKS = 16
 """32 MiB with 2 MiB blocks: room for a filesystem's metadata plus a file being streamed."""
+READ_AHEAD = 2
+READ_AHEAD_WORKERS = 1
+"""Blocks fetched ahead once reads are sequential."""
 
 
 class BlockDevice(Protocol):
@@ -39,6 +47,10 @@ class DiskStream(io.RawIOBase):
         self._position = 0
         self._cache: OrderedDict[int, bytes | memoryview] = OrderedDict()
         self._cache_blocks = max(cache_blocks, 1)
+        self._block_count = -(-self.size // self.block_size)
+        self._last_miss = -2
+        self._pending: dict[int, Future[bytes | memoryview]] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def readable(self) -> bool:
         return True
@@ -70,11 +82,35 @@ class DiskStream(io.RawIOBase):
             return cached
         # Kept as the device returns it (often a memoryview): only the slices asked for are
         # copied, never the whole block.
-        block = self.device.read_block(index)
+        pending = self._pending.pop(index, None)
+        block = pending.result() if pending is not None else self.device.read_block(index)
+        if index == self._last_miss + 1:
+            self._read_ahead(index)
+        self._last_miss = index
         self._cache[index] = block
         if len(self._cache) > self._cache_blocks:
             self._cache.popitem(last=False)
         return block
+
+    def _read_ahead(self, index: int) -> None:
+        for stale in [i for i in self._pending if i < index]:
+            self._pending.pop(stale).cancel()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=READ_AHEAD_WORKERS, thread_name_prefix="flr-read-ahead"
+            )
+        for ahead in range(index + 1, min(index + 1 + READ_AHEAD, self._block_count)):
+            if ahead not in self._pending and ahead not in self._cache:
+                self._pending[ahead] = self._pool.submit(self.device.read_block, ahead)
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        super().close()
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes from ``offset`` (fewer only at the end of the disk)."""

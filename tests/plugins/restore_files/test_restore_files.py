@@ -489,6 +489,14 @@ def test_disk_stream_reads_like_the_image(work, trees):
         assert stream.tell() == min(offset + length, len(raw))
     stream.seek(-10, io.SEEK_END)
     assert stream.read() == raw[-10:]
+    # In order, as a file copy reads: blocks come from the read-ahead thread.
+    stream.seek(0)
+    chunks = []
+    while chunk := stream.read(300_000):
+        chunks.append(chunk)
+    assert b"".join(chunks) == raw
+    assert stream._pool is not None
+    stream.close()
     volumes = list_volumes(DiskStream(Device()), builtin_readers())
     assert [(v.id, v.filesystem) for v in volumes] == [(WHOLE_DISK, "ext")]
 
