@@ -19,6 +19,7 @@ from tests.formats.conftest import BLOCK, BuiltChain, ChainBuilder, read_chain
 from xobackup_core.errors import FormatError, UsageError
 from xobackup_core.formats.source import LocalFile, LocalFileSource
 from xobackup_core.formats.vhd import VhdFile, verify_vhd_file
+from xobackup_core.formats.vhd_chain import open_vhd_chain
 from xobackup_core.formats.vhd_merge import merge_state_path, merge_vhd_chain, resume_merges
 from xobackup_core.formats.vhd_writer import ParentLink, write_vhd_stream
 
@@ -31,9 +32,11 @@ def _local_remote(folder: Path):
     return module.LocalRemote(str(folder))
 
 
-def _add_partial_child(chain: BuiltChain, seed: int) -> None:
-    """Append a differencing child whose blocks set scattered sectors only."""
+def _add_partial_child(chain: BuiltChain, seed: int, size: int) -> None:
+    """Append a differencing child of ``size`` bytes whose blocks set scattered sectors only."""
     rnd = random.Random(seed)
+    chain.size = size
+    chain.expected.extend(bytes(size - len(chain.expected)))
     with VhdFile.open(LocalFileSource(chain.leaf)) as parent:
         link = ParentLink(parent.uuid, chain.leaf.name, parent.footer.timestamp)
     path = chain.leaf.with_name(f"partial{len(chain.paths):04d}.vhd")
@@ -54,15 +57,16 @@ def _add_partial_child(chain: BuiltChain, seed: int) -> None:
     chain.paths.append(path)
 
 
-def _build(builder: ChainBuilder) -> tuple[BuiltChain, bytes]:
+def _build(builder: ChainBuilder, grown: int = SIZE) -> tuple[BuiltChain, bytes]:
     """base + 3 full-block deltas + 1 partial delta + 1 newer delta that is not merged.
 
-    Returns the chain and the virtual disk of the last merged child.
+    The partial delta and the newest one have ``grown`` bytes (a resized disk when larger
+    than the others). Returns the chain and the virtual disk of the last merged child.
     """
     layers = builder.random_layers(16, 4, 4)
     layers[0].update({index: builder.block() for index in (0, 1, 15)})
     chain = builder.write(SIZE, layers)
-    _add_partial_child(chain, seed=5)
+    _add_partial_child(chain, seed=5, size=grown)
     merged_view = read_chain(chain.leaf)
     assert merged_view == bytes(chain.expected)
     with VhdFile.open(LocalFileSource(chain.leaf)) as parent:
@@ -70,11 +74,23 @@ def _build(builder: ChainBuilder) -> tuple[BuiltChain, bytes]:
     newest = chain.leaf.with_name("newest.vhd")
     top = {3: builder.block(), 9: builder.block()}
     with open(newest, "wb") as stream:
-        write_vhd_stream(stream.write, SIZE, sorted(top.items()), sorted(top), parent=link)
+        write_vhd_stream(stream.write, grown, sorted(top.items()), sorted(top), parent=link)
     for index, data in top.items():
         chain.expected[index * BLOCK : (index + 1) * BLOCK] = data
     chain.paths.append(newest)
     return chain, merged_view
+
+
+def _same_disk(path: Path, expected: bytes | bytearray) -> bool:
+    """Whether the chain at ``path`` reads as ``expected``, compared block by block."""
+    with open_vhd_chain(str(path)) as chain:
+        if chain.size != len(expected):
+            return False
+        for index, data in chain.iter_blocks():
+            start = index * BLOCK
+            if expected[start : start + len(data)] != bytes(data):
+                return False
+    return True
 
 
 def _check_merged(folder: Path, chain: BuiltChain, merged_view: bytes) -> None:
@@ -82,8 +98,8 @@ def _check_merged(folder: Path, chain: BuiltChain, merged_view: bytes) -> None:
     # Listed through the remote, which hides the temporary file of a write cut by kill -9.
     names = _local_remote(folder).list("/")
     assert names == sorted([merged.name, "newest.vhd"]), names
-    assert read_chain(merged) == merged_view
-    assert read_chain(folder / "newest.vhd") == bytes(chain.expected)
+    assert _same_disk(merged, merged_view)
+    assert _same_disk(folder / "newest.vhd", chain.expected)
     with VhdFile.open(LocalFileSource(merged)) as disk:
         assert not disk.is_differencing
         verify_vhd_file(disk)
@@ -171,7 +187,8 @@ def test_killed_merge_resumes_to_the_same_result(tmp_path: Path) -> None:
     require_module("xobackup_remote_local")
     pristine = tmp_path / "pristine"
     pristine.mkdir()
-    chain, merged_view = _build(ChainBuilder(pristine, seed=4))
+    # The last merged delta is larger: each merge also grows the parent's BAT first.
+    chain, merged_view = _build(ChainBuilder(pristine, seed=4), grown=150 * BLOCK)
     names = [path.name for path in chain.paths[:-1]]
 
     def fresh(trial: int) -> tuple[Path, BuiltChain]:
