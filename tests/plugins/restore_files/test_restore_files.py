@@ -621,3 +621,38 @@ def test_plugin_declares_its_readers_and_command():
     assert [p.name for p in plugins.provided("command")] == ["files"]
     kinds = {getattr(reader, "kind", None) for reader in plugins.file_readers()}
     assert kinds == {"volumes", "filesystem"}
+
+
+def test_lvm_physical_volume_on_the_whole_disk(gpt_backups, work, trees):
+    """A PV written straight onto the disk (no partition table): its LVs are the volumes."""
+    device = _DamagedDevice(work / "gpt-v2" / "lvm.img", {})
+    volumes = list_volumes(DiskStream(device), builtin_readers())
+    assert [(v.id, v.filesystem) for v in volumes] == [("vgflr/data", "ext")]
+    filesystem = select_volume(volumes, "vgflr/data").open_filesystem()
+    assert filesystem.get("/hello.txt").open().read() == (trees["v2"] / "hello.txt").read_bytes()
+
+
+class _CountingRemote(LocalRemote):
+    """Counts the bytes read from the remote."""
+
+    read_bytes_total = 0
+
+    def read_range(self, path, offset, length):
+        data = super().read_range(path, offset, length)
+        self.read_bytes_total += len(data)
+        return data
+
+    def open_read(self, path, offset=0, length=None):
+        # The metadata JSON is read whole; disks never are.
+        assert path.endswith(".json"), f"{path} opened for a streaming read"
+        return super().open_read(path, offset, length)
+
+
+def test_browsing_reads_ranges_not_whole_disks(remote, mbr_backups):
+    """Listing a folder reads a few blocks of the chain, never whole disk files."""
+    counting = _CountingRemote(remote.root)
+    stored = sum(p.stat().st_size for p in Path(remote.root).rglob("*.vhd"))
+    with open_backup(counting, mbr_backups["paths"][-1], builtin_readers()) as browser:
+        names = {n.name for n in browser.filesystem("0", "2").get("/sub").children()}
+    assert names == {"big.bin", "deeper", "dangling"}
+    assert counting.read_bytes_total < 16 * MIB < stored / 2
