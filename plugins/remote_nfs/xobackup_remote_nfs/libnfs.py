@@ -5,9 +5,9 @@ file objects ignore write errors, it has no rename, and it holds the GIL during 
 ctypes needs no compiler, releases the GIL while libnfs waits on the network (so several
 contexts run in parallel), and passes our buffers to libnfs without copying them.
 
-Only the synchronous API is used; libnfs itself splits a large ``nfs_pwrite`` into
-``writemax``-sized WRITE RPCs and keeps them all in flight, which is what makes big buffers
-fast. The prototypes are those of libnfs 4.x and 5.x (``libnfs.so.13``/``.so.14``); libnfs 6
+Only the synchronous API is used: one call, one RPC of up to the server's maximum size, which
+matched nfs-cp and nfs-cat (libnfs's own split of bigger calls into parallel RPCs measured
+slower). The prototypes are those of libnfs 4.x and 5.x (``libnfs.so.13``/``.so.14``); libnfs 6
 changed the argument order of ``nfs_pread``/``nfs_pwrite``, so other versions are refused
 rather than called with the wrong layout. A context is not thread-safe: callers serialise.
 """
