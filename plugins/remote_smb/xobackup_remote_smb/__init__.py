@@ -22,8 +22,8 @@ Options (the remote's config table, or ``?key=value`` in the URL for the non-sec
     Attempts after a transient failure of an idempotent operation (default 3), with
     exponential back-off.
 ``write_chunk`` / ``pipeline``
-    Bytes per WRITE request (default 1 MiB, capped by the server's maximum) and WRITE
-    requests in flight (default 8).
+    Bytes per WRITE request (default 8 MiB, capped by the server's maximum) and WRITE
+    requests in flight (default 4).
 """
 
 from __future__ import annotations

@@ -75,9 +75,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_WRITE_CHUNK = 4 * 1024 * 1024
-"""Bytes per WRITE request. 4 MiB with 4 in flight measured fastest against Samba (bigger
-requests cost more Python-side copying per message); the negotiated maximum caps it."""
+DEFAULT_WRITE_CHUNK = 8 * 1024 * 1024
+"""Bytes per WRITE request: the negotiated maximum caps it (8 MiB on Samba and recent
+Windows). With the copy-free WRITE path, bigger requests measured fastest."""
 DEFAULT_PIPELINE = 4
 READ_CHUNK = 1024 * 1024
 """Bytes per READ request (the negotiated maximum caps it)."""
