@@ -260,6 +260,7 @@ def _probe(
 
 
 def stream_size(stream: BinaryIO) -> int:
+    """Size of a seekable stream (its ``size`` attribute when it has one)."""
     size = getattr(stream, "size", None)
     if isinstance(size, int):
         return size
@@ -292,6 +293,7 @@ class BackupBrowser:
         self._streams: list[DiskStream] = []
 
     def open_disk(self, wanted: str) -> tuple[DiskInfo, DiskStream]:
+        """The disk named ``wanted`` and its chain as a stream (closed with the browser)."""
         disk = select_disk(self.disks, wanted)
         chain = open_disk_chain(self.remote, disk)
         self._chains.append(chain)
@@ -300,13 +302,16 @@ class BackupBrowser:
         return disk, stream
 
     def volumes(self, wanted_disk: str) -> list[Volume]:
+        """Every volume of a disk (see :func:`list_volumes`)."""
         _, stream = self.open_disk(wanted_disk)
         return list_volumes(stream, self.readers)
 
     def filesystem(self, wanted_disk: str, wanted_volume: str) -> Filesystem:
+        """The opened filesystem of one volume of one disk."""
         return select_volume(self.volumes(wanted_disk), wanted_volume).open_filesystem()
 
     def close(self) -> None:
+        """Close every stream and chain this browser opened."""
         # Streams first: their read-ahead threads may still be reading from the chains.
         for stream in self._streams:
             stream.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import click
 
@@ -48,6 +48,9 @@ def _open(app: AppContext, backup_text: str) -> tuple[BackupBrowser, Remote]:
 def _mtime(moment: datetime | None) -> str:
     if moment is None:
         return "-"
+    if moment.tzinfo is not None:
+        # Unix filesystems and NTFS record UTC; FAT records local time without a zone.
+        moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 

@@ -231,6 +231,7 @@ class FolderWriter:
     def _write(self, fd: int, name: str, relative: str, node: Node) -> None:
         existing = self._exists(name, fd)
         if node.kind == DIRECTORY:
+            self.files += 1
             if existing is not None and stat.S_ISDIR(existing.st_mode):
                 return
             if existing is not None:

@@ -20,7 +20,7 @@ import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO, ClassVar, Protocol
 
 from xobackup_core.errors import FormatError, UsageError
@@ -128,10 +128,6 @@ class VolumeReader(Protocol):
 def _peek(stream: BinaryIO, offset: int, length: int) -> bytes:
     stream.seek(offset)
     return stream.read(length)
-
-
-def _from_timestamp(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 # -- ext2/3/4 and XFS (the same inode API in dissect) ------------------------------------------
@@ -519,7 +515,7 @@ class PartitionTableReader:
             found.append(
                 RawVolume(
                     id=str(number),
-                    description=f"{scheme} partition {number} ({type_text})",
+                    description=f"{scheme} partition {number}, type {type_text}",
                     offset=int(partition.offset),
                     size=int(partition.size),
                     opener=partition.open,
