@@ -142,9 +142,10 @@ def fat_image(tree: Path, path: Path, size_mib: int = 24) -> Path:
 
 
 def ntfs_image(tree: Path, path: Path, size_mib: int = 24) -> tuple[Path, bool]:
-    """An NTFS image; populated through the ntfs-3g FUSE driver when FUSE works here.
+    """An NTFS image holding ``tree`` (regular files and folders).
 
-    Returns (path, populated)."""
+    Folders can only be made through the ntfs-3g FUSE driver; where FUSE is not available the
+    root's files are written with ntfscp instead. Returns (path, whole tree written)."""
     require_tool("mkntfs")
     path.unlink(missing_ok=True)
     with open(path, "wb") as image:
@@ -152,11 +153,12 @@ def ntfs_image(tree: Path, path: Path, size_mib: int = 24) -> tuple[Path, bool]:
     run("mkntfs", "-F", "-Q", "-q", "-L", "flr-ntfs", str(path))
     mount_point = Path(tempfile.mkdtemp(prefix="flr-ntfs-"))
     try:
-        mounted = (
-            subprocess.run(["ntfs-3g", str(path), str(mount_point)], capture_output=True).returncode
-            == 0
-        )
-        if not mounted:
+        mounted = subprocess.run(["ntfs-3g", str(path), str(mount_point)], capture_output=True)
+        if mounted.returncode != 0:
+            ntfscp = require_tool("ntfscp")
+            for entry in sorted(tree.iterdir()):
+                if entry.is_file() and not entry.is_symlink():
+                    run(ntfscp, "-q", str(path), str(entry), entry.name)
             return path, False
         try:
             for entry in tree.iterdir():

@@ -221,12 +221,14 @@ def test_fat_extracts_files_and_long_names(remote_url, mbr_backups, trees, work)
 def test_ntfs_root_and_files(remote_url, mbr_backups, trees, work):
     result = invoke("files", "ls", f"{remote_url}:{mbr_backups['paths'][-1]}", "0", "3", "/")
     assert result.exit_code == 0, result.output
-    assert "$MFT" not in result.output
-    if not mbr_backups["ntfs_populated"]:
-        pytest.skip("ntfs-3g could not mount here: the NTFS image is empty")
+    assert "$MFT" not in result.output and "hello.txt" in result.output
     target = work / "out-ntfs"
     extract(remote_url, mbr_backups["paths"][-1], "0", "3", target, "/")
-    assert snapshot(target) == snapshot(trees["plain-v2"])
+    want = snapshot(trees["plain-v2"])
+    if not mbr_backups["ntfs_populated"]:
+        # Without FUSE only the root's files could be written (ntfscp).
+        want = {k: v for k, v in want.items() if "/" not in k and v[0] == "file"}
+    assert snapshot(target) == want
 
 
 def test_gpt_btrfs_lvm_exfat(remote_url, gpt_backups, trees, work):
