@@ -658,3 +658,21 @@ def test_browsing_reads_ranges_not_whole_disks(remote, mbr_backups):
         names = {n.name for n in browser.filesystem("0", "2").get("/sub").children()}
     assert names == {"big.bin", "deeper", "dangling"}
     assert counting.read_bytes_total < 16 * MIB < stored / 2
+
+
+def test_mbr_logical_partitions_are_numbered_from_5(work):
+    """Two logical partitions behind a primary: ids 1, 5, 6 with Linux's numbering, the
+    extended container itself hidden; an empty partition is listed without a filesystem."""
+    blank = work / "blank.img"
+    with open(blank, "wb") as image:
+        image.truncate(4 * MIB)
+    disk = images.partitioned_disk(
+        work / "logical.img",
+        "dos",
+        [(blank, "83", ""), (None, "5", ""), (blank, "83", ""), (blank, "82", "")],
+    )
+    volumes = list_volumes(DiskStream(_DamagedDevice(disk, {})), builtin_readers())
+    assert [(v.id, v.filesystem) for v in volumes] == [("1", None), ("5", None), ("6", None)]
+    assert volumes[1].offset < volumes[2].offset
+    with pytest.raises(XobackupError, match="no filesystem"):
+        volumes[2].open_filesystem()
