@@ -69,7 +69,7 @@ def write_vhd(source: str, target: str) -> int:
     try:
         size = os.fstat(fd).st_size
         allocated = sparse_file_blocks(fd, size)
-        with open(target, "wb", buffering=0) as out:
+        with open(target, "wb") as out:
             layout = write_vhd_stream(
                 out.write, size, read_file_blocks(fd, allocated, size), allocated
             )

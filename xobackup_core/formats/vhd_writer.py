@@ -167,7 +167,8 @@ def write_vhd_stream(
     uuid: uuidlib.UUID | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> VhdStreamLayout:
-    """Write a whole VHD with ``write`` (a file's or a RemoteWriter's); returns its layout."""
+    """Write a whole VHD with ``write``, which must take all it is given (a buffered file's or
+    a RemoteWriter's ``write``); returns the layout."""
     layout = plan_vhd_stream(size, allocated, parent=parent, uuid=uuid, block_size=block_size)
     for chunk in vhd_stream(layout, blocks):
         write(chunk)
