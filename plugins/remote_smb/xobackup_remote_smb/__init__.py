@@ -1,5 +1,9 @@
 """SMB2/3 shares as remotes: ``smb://user@host[:port]/share/sub/path``.
 
+Files are committed with an atomic server-side replace. As on Windows, a server refuses to
+replace a file that another client has open: such a commit is retried for a few seconds,
+then fails with the old file intact.
+
 Options (the remote's config table, or ``?key=value`` in the URL for the non-secret ones):
 
 ``username``

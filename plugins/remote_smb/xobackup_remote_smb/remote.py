@@ -5,7 +5,9 @@ private to this remote. The data path talks to the SMB ``Open`` directly:
 
 * writes go out in chunks of the negotiated maximum write size (capped by ``write_chunk``)
   with several WRITE requests in flight at once, as many as the granted credits allow, so
-  the server's disk work, the network and our signing or encryption overlap;
+  the server's disk work and the network overlap; on unsigned, unencrypted sessions they
+  are packed without copying the payload (:mod:`xobackup_remote_smb.fastwrite`);
+* streaming reads keep several READ requests ahead of the consumer;
 * every request waits for its response with the per-operation timeout; an operation through
   the high-level functions is bounded by a watchdog that closes the connection when the
   timeout passes (smbclient itself would wait forever on a silent server).
@@ -79,11 +81,11 @@ DEFAULT_WRITE_CHUNK = 8 * 1024 * 1024
 """Bytes per WRITE request: the negotiated maximum caps it (8 MiB on Samba and recent
 Windows). With the copy-free WRITE path, bigger requests measured fastest."""
 DEFAULT_PIPELINE = 4
+"""WRITE requests in flight at once (fewer when the server grants fewer credits)."""
 READ_CHUNK = 1024 * 1024
 """Bytes per READ request (the negotiated maximum caps it)."""
 READ_AHEAD = 8
 """READ requests kept in flight ahead of a streaming reader (1 MiB x 8 read fastest here)."""
-"""WRITE requests in flight at once (fewer when the server grants fewer credits)."""
 CREDIT_UNIT = 65536
 """SMB2 multi-credit unit: one credit per 64 KiB of payload."""
 
@@ -357,9 +359,11 @@ class SmbRemote(Remote):
 
     def open_read(self, path: str, offset: int = 0, length: int | None = None) -> BinaryIO:
         path = normalize_path(path)
-        handle = _SmbHandle(self, path, "r")
+        # Sharing read, write and delete lets a commit replace a file someone is reading,
+        # as on POSIX (the reader keeps the old data).
+        handle = _SmbHandle(self, path, "r", share_access="rwd")
         return io.BufferedReader(  # type: ignore[return-value]
-            _SmbRangeReader(handle, offset, length), 4 * 1024 * 1024
+            _SmbRangeReader(handle, offset, length), READ_CHUNK
         )
 
     def open_update(self, path: str) -> RemoteFile:

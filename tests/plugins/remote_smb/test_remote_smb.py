@@ -126,6 +126,23 @@ def test_read_ahead_stops_at_the_end_and_is_collected_on_close(smb_server):
         assert remote.read_bytes("/f") == data
 
 
+def test_commit_over_a_file_open_for_reading(smb_server):
+    """SMB servers refuse to replace a file another handle has open (Windows semantics):
+    the commit retries briefly, then fails cleanly, keeping the old file and no temp file."""
+    old, new = pattern(3 * MiB, seed=1), pattern(2 * MiB, seed=2)
+    with _remote(smb_server, "busy") as remote:
+        remote.write_bytes("/f", old)
+        with remote.open_read("/f") as stream:
+            assert stream.read(MiB) == old[:MiB]
+            with pytest.raises(RemotePermissionError) as caught:
+                remote.write_bytes("/f", new)
+            assert "commit" in str(caught.value) and "/f" in str(caught.value)
+            assert stream.read() == old[MiB:]
+        assert os.listdir(smb_server.share_dir / "busy") == ["f"]
+        remote.write_bytes("/f", new)  # once the reader is gone the replace goes through
+        assert remote.read_bytes("/f") == new
+
+
 def test_free_space_matches_the_server_filesystem(smb_server):
     with _remote(smb_server, "space") as remote:
         free = remote.free_space()
