@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from xobackup_remote_local import LocalRemote
 
-from tests.conftest import require_module
+from tests.conftest import require, require_module, require_tool
 from tests.plugins.restore_files import images
 from tests.plugins.restore_files.images import (
     GPT_BASIC_DATA,
@@ -44,6 +44,7 @@ from xobackup_restore_files.browse import (  # noqa: E402
     select_volume,
 )
 from xobackup_restore_files.extract import (  # noqa: E402
+    extract_to_folder,
     read_guest,
     safe_name,
     safe_relative_path,
@@ -676,3 +677,44 @@ def test_mbr_logical_partitions_are_numbered_from_5(work):
     assert volumes[1].offset < volumes[2].offset
     with pytest.raises(XobackupError, match="no filesystem"):
         volumes[2].open_filesystem()
+
+
+@pytest.fixture(scope="module")
+def sftp_remote():
+    """An SFTP remote on a throwaway sshd (the same server the SFTP remote's tests use)."""
+    require_module("paramiko")
+    require_tool("sshd")
+    require_tool("ssh-keygen")
+    from tests.servers import sftp
+
+    require(sftp.available(), "sshd (as root)")
+    server = sftp.SftpServer.create().start()
+    from xobackup_remote_sftp import SftpRemote
+
+    options = {
+        "key_file": str(server.client_key),
+        "host_key_fingerprint": server.host_key_fingerprint,
+        "name": "flr-sftp",
+    }
+    remote = SftpRemote.from_url(server.url("flr"), options)
+    try:
+        yield remote
+    finally:
+        remote.close()
+        server.stop()
+
+
+def test_chain_on_an_sftp_remote(sftp_remote, trees, work):
+    """The chain is read over SFTP with range reads: a full and a delta written there, then
+    files extracted from the newest backup."""
+    v1 = images.ext4_image(trees["v1"], work / "sftp-v1.img", 16)
+    v2 = images.ext4_update(v1, trees["v1"], work / "sftp-v2.img", trees["v2"])
+    writer = BackupWriter(sftp_remote)
+    paths = backup_disk_states(
+        writer, "f0000000-0000-4000-8000-000000000006", [v1, v2], disk_size(v1)
+    )
+    target = work / "out-sftp"
+    with open_backup(sftp_remote, paths[-1], builtin_readers()) as browser:
+        filesystem = browser.filesystem("0", WHOLE_DISK)
+        extract_to_folder([("/", filesystem.get("/"))], str(target), overwrite=False, warn=print)
+    assert snapshot(target) == snapshot(trees["v2"])
