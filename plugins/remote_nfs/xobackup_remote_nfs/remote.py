@@ -218,7 +218,7 @@ class NfsRemote(Remote):
         """The core's error for a libnfs failure, naming the remote, operation and path."""
         code = error.errno or 0
         detail = error.strerror or str(error)
-        if code == errno.ETIMEDOUT:
+        if code == errno.ETIMEDOUT or "timed out" in detail.lower():
             return RemoteTimeoutError(detail, remote=self.name, operation=operation, path=path)
         if code in _TRANSIENT_ERRNOS:
             return RemoteConnectionError(detail, remote=self.name, operation=operation, path=path)

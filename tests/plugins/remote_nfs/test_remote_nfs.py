@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +19,12 @@ import uuid
 import pytest
 
 from tests.conftest import require, require_tool
-from xobackup_core.errors import RemoteConfigError, RemoteError, RemoteNoSpaceError
+from xobackup_core.errors import (
+    RemoteConfigError,
+    RemoteError,
+    RemoteNoSpaceError,
+    RemoteTimeoutError,
+)
 from xobackup_core.plugins import Plugins
 from xobackup_core.testing import RemoteConformance
 from xobackup_core.testing.remote_conformance import pattern
@@ -257,6 +263,34 @@ def test_server_stopped_mid_upload(nfs_server):
         assert remote.list("/vm") == ["backup.xva"]
         remote.write_bytes("/vm/backup.xva", b"next backup")
         assert remote.read_bytes("/vm/backup.xva") == b"next backup"
+        remote.close()
+
+
+def test_silent_server_times_out(nfs_server):
+    """A server that stops answering (SIGSTOP) makes an operation fail after its timeout."""
+    with nfs_server.joined():
+        remote = _remote(nfs_server, "frozen", timeout=2, retries=0)
+        remote.write_bytes("/a", b"a")
+        pid = nfs_server._ganesha.pid
+        outcome: list[BaseException] = []
+
+        def stat() -> None:
+            try:
+                remote.stat("/a")
+            except BaseException as error:
+                outcome.append(error)
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            thread = threading.Thread(target=stat)
+            thread.start()
+            thread.join(30)
+            assert not thread.is_alive(), "the operation hung past its timeout"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert outcome and isinstance(outcome[0], RemoteTimeoutError)
+        assert "stat" in str(outcome[0]) and "/a" in str(outcome[0])
+        assert remote.read_bytes("/a") == b"a"  # usable again once the server answers
         remote.close()
 
 
