@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from xobackup_core.engine.repository import BACKUP_ROOT, BackupMetadata, BackupRepository
-from xobackup_core.errors import FormatError, RemoteNotFoundError, UsageError
+from xobackup_core.errors import FormatError, RemoteNotFoundError, UsageError, XobackupError
 from xobackup_core.formats.vhd_chain import VhdChain, open_vhd_chain
 from xobackup_core.formats.vhd_directory import remote_disk_opener
 from xobackup_core.remote import Remote, join_path
@@ -224,7 +224,13 @@ def _explore(
     for volume_reader in volume_readers:
         if volume_reader.top_level_only and not top_level:
             continue
-        raw_volumes = volume_reader.volumes(stream)
+        try:
+            raw_volumes = volume_reader.volumes(stream)
+        except XobackupError:
+            raise
+        except Exception as error:
+            # Damaged tables make parsers fail in their own ways: one message, exit code 3.
+            raise FormatError(f"unreadable {volume_reader.name}: {error}") from None
         if raw_volumes is None:
             continue
         result: list[Volume] = []

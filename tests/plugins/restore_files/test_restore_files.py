@@ -564,6 +564,27 @@ def test_damaged_filesystems_fail_cleanly(mbr_backups, gpt_backups, work, kind):
     assert outcomes["ok"] + outcomes["error"] == 20
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mbr-v2", "gpt-v2"])
+def test_damaged_partition_tables_fail_cleanly(mbr_backups, gpt_backups, work, kind):
+    """Random bytes over the first 64 KiB of a partitioned disk (MBR, EBR, GPT headers and
+    entries): listing volumes and their roots works or raises xobackup's errors only."""
+    image = work / kind / "disk.img"
+    for seed in range(30):
+        rng = random.Random(seed)
+        damage = {rng.randrange(64 * 1024): rng.randrange(256) for _ in range(rng.choice((4, 32)))}
+        try:
+            volumes = list_volumes(DiskStream(_DamagedDevice(image, damage)), builtin_readers())
+        except XobackupError:
+            continue
+        for volume in volumes:
+            try:
+                root = volume.open_filesystem().get("/")
+                read_guest("/", lambda r=root: list(r.children()))
+            except XobackupError:
+                pass
+
+
 class _Hang(BaseException):
     pass
 
