@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import shutil
-import subprocess
+import socket
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,12 +29,15 @@ from pathlib import Path
 from tests.servers.base import ServerProcess
 
 CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
 _RPCBIND_FILES = ("/run/rpcbind.sock", "/run/rpcbind.lock")
 
 
 def available() -> bool:
     """True when ganesha, rpcbind, unshare and nsenter are installed and we are root."""
-    tools = ("ganesha.nfsd", "rpcbind", "unshare", "nsenter", "ip")
+    tools = ("ganesha.nfsd", "rpcbind", "unshare", "nsenter")
     return os.geteuid() == 0 and all(
         shutil.which(t) or os.path.exists(f"/usr/sbin/{t}") for t in tools
     )
@@ -131,7 +137,7 @@ LOG {{ Default_Log_Level = EVENT; }}
                     if os.readlink(self.netns) != own:
                         break
                 time.sleep(0.02)
-            self._nsenter([_tool("ip"), "link", "set", "lo", "up"])
+            self._bring_loopback_up()
         if self._rpcbind is None:
             for stale in _RPCBIND_FILES:
                 with contextlib.suppress(FileNotFoundError):
@@ -195,8 +201,25 @@ LOG {{ Default_Log_Level = EVENT; }}
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stale)
 
-    def _nsenter(self, argv: list[str]) -> None:
-        subprocess.run(self.client_argv(argv), check=True, capture_output=True, timeout=30)
+    def _bring_loopback_up(self) -> None:
+        """``ip link set lo up`` in the namespace, with two ioctls (no iproute2 needed)."""
+        error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self.joined(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    request = struct.pack("16sH22x", b"lo", 0)
+                    flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+                    fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+            except BaseException as failure:
+                error.append(failure)
+
+        # In a thread of its own, so that no thread of the caller changes namespace.
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        if error:
+            raise RuntimeError(f"cannot bring up lo in the NFS namespace: {error[0]}")
 
     def client_argv(self, argv: list[str]) -> list[str]:
         """``argv`` wrapped to run inside the server's network namespace."""

@@ -315,9 +315,8 @@ def test_silent_server_times_out(smb_server):
 
     remote = _remote(smb_server, "frozen", timeout=2, retries=0)
     remote.write_bytes("/a", b"a")
-    pids = subprocess.run(
-        ["pgrep", "-s", str(smb_server.process.pid)], capture_output=True, text=True
-    ).stdout.split()
+    pids = _session_members(smb_server.process.pid)
+    assert pids, "smbd's processes were not found"
     for pid in pids:
         os.kill(int(pid), signal.SIGSTOP)
     outcome: list[BaseException] = []
@@ -333,6 +332,19 @@ def test_silent_server_times_out(smb_server):
     assert "stat" in str(outcome[0]) and "/a" in str(outcome[0])
     assert remote.read_bytes("/a") == b"a"  # reconnects once the server answers again
     remote.close()
+
+
+def _session_members(session_id):
+    """PIDs of the processes in session ``session_id`` (smbd and its helpers)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == session_id:
+                    members.append(entry)
+            except OSError:
+                continue
+    return members
 
 
 def _capture(outcome, function, *args):
