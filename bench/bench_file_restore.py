@@ -9,7 +9,7 @@
 
 The disk: an MBR with one ext4 partition holding the file, backed up as a full plus 99 deltas,
 each delta rewriting one block of the file (same bytes) so reads come from every depth. Built
-with mkfs.ext4 -d and sfdisk. Quick mode: a 20 MiB file, 20-deep chain.
+with mkfs.ext4 -d and sfdisk. Quick mode: a 64 MiB file, 20-deep chain.
 """
 
 from __future__ import annotations
@@ -182,13 +182,13 @@ def reference_extract(disk: str, target: str) -> int:
 
 # -- the benchmark ------------------------------------------------------------------------------
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    """Listing and extraction results; ``quick`` uses a 20 MiB file and a 20-deep chain."""
+    """Listing and extraction results; ``quick`` uses a 64 MiB file and a 20-deep chain."""
     if MISSING:
         raise RuntimeError(f"install plugins/restore_files and remote_local first ({MISSING})")
     for tool in ("mkfs.ext4", "sfdisk"):
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
             raise RuntimeError(f"the {tool} program is needed (e2fsprogs, fdisk)")
-    file_size = 20 * MIB if quick else 200 * MIB
+    file_size = 64 * MIB if quick else 200 * MIB
     depth = 20 if quick else 100
     folder = data_dir() / f"file-restore-{os.getpid()}"
     shutil.rmtree(folder, ignore_errors=True)
