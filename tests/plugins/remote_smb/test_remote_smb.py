@@ -195,6 +195,19 @@ def test_bad_urls_and_options(smb_server):
         open_smb_remote(smb_server.url(), {"password": "x", "bogus": 1})
 
 
+def test_password_in_the_url_never_shows(smb_server):
+    from xobackup_remote_smb import open_smb_remote
+
+    url = smb_server.url("in-url").replace(
+        f"{smb_server.user}@", f"{smb_server.user}:{smb_server.password}@"
+    )
+    with open_smb_remote(url, {}) as remote:
+        assert smb_server.password not in remote.name and "***" in remote.name
+        with pytest.raises(RemoteError) as caught:
+            remote.read_bytes("/missing")
+        assert smb_server.password not in str(caught.value)
+
+
 def test_plugin_hook_and_listing(smb_server):
     plugins = Plugins()
     assert "smb" in plugins.provided_names("remote")
