@@ -177,13 +177,14 @@ def test_nobody_listening_is_a_connection_error(nfs_server):
     assert "nfs-x" in str(caught.value) and "connect" in str(caught.value)
 
 
-def test_version_4_is_refused_with_libnfs_4_0(nfs_server):
+def test_version_4_is_refused_with_libnfs_4_0(nfs_server, monkeypatch):
     from xobackup_remote_nfs import libnfs, open_nfs_remote
 
-    if libnfs.supports_v4_writes():
-        pytest.skip("this libnfs writes over NFSv4")
+    monkeypatch.setattr(libnfs, "supports_v4_writes", lambda: False)
     with pytest.raises(RemoteConfigError, match="NFSv4"):
         open_nfs_remote(nfs_server.url() + "?version=4", {})
+    with pytest.raises(RemoteConfigError, match="3 or 4"):
+        open_nfs_remote(nfs_server.url() + "?version=2", {})
 
 
 def test_bad_options():
