@@ -42,7 +42,7 @@ from xobackup_core.engine.streams import (
     Target,
     describe_error,
 )
-from xobackup_core.errors import FormatError, RemoteError, XobackupError
+from xobackup_core.errors import FormatError, RemoteError, RemoteNotFoundError, XobackupError
 from xobackup_core.formats.vhd_chain import open_vhd_chain
 from xobackup_core.formats.vhd_directory import (
     is_alias,
@@ -139,6 +139,8 @@ class JobRunner:
         job = self.config.jobs[job_key]
         job_view = self.config.job_view(job_key)
         settings = self.config.effective_settings(job_key, schedule_key=schedule_key)
+        # Runs left pending by a process that died are closed first: never pending forever.
+        self.log_store.mark_interrupted()
         recorder = self.log_store.start_run(
             job_view["id"],
             job_view["name"],
@@ -855,6 +857,13 @@ class _VmBackup:
         are merged into the next backup (deltas) or deleted.
         """
         repository = target.repository
+        vm_folder = repository.vm_folder(self.vm.uuid)
+        # A merge cut short leaves chains that only read right once it is finished: finish
+        # every one before judging any backup, or a complete backup could look broken.
+        for job_id in target.remote.list(join_path(vm_folder, "vdis")):
+            jobs_folder = join_path(vm_folder, "vdis", job_id)
+            for vdi_uuid in target.remote.list(jobs_folder):
+                resume_all_merges(target.remote, join_path(jobs_folder, vdi_uuid))
         for backup in repository.list_backups(self.vm.uuid):
             if backup.mode == "full":
                 xva = backup.xva_path
@@ -872,14 +881,15 @@ class _VmBackup:
                 try:
                     with open_vhd_chain(path, remote_disk_opener(target.remote)):
                         pass
-                except (FormatError, RemoteError) as error:
+                except (FormatError, RemoteNotFoundError) as error:
+                    # Only data that is missing or malformed makes a backup incomplete: a
+                    # remote that fails to answer says nothing about the backup.
                     self.task.warning(
                         f"incomplete backup removed from {target.key}: {backup.path} ({error})"
                     )
                     repository.delete_metadata(backup)
                     break
         referenced = {b.xva_path for b in repository.list_backups(self.vm.uuid)}
-        vm_folder = repository.vm_folder(self.vm.uuid)
         for name in target.remote.list(vm_folder):
             path = join_path(vm_folder, name)
             if name.endswith(".xva") and path not in referenced:
@@ -913,33 +923,59 @@ class _VmBackup:
                     disks[path] = (str(disk.uuid), parent)
                 finally:
                     disk.close()
-            by_uuid = {uuid: path for path, (uuid, _) in disks.items()}
-            child_of: dict[str, str] = {}
-            for path, (_uuid, parent_uuid) in disks.items():
-                if parent_uuid and parent_uuid in by_uuid:
-                    child_of[by_uuid[parent_uuid]] = path
+            self._collect_folder(target, vdi_uuid, disks, referenced)
+
+    def _collect_folder(
+        self,
+        target: RemoteTarget,
+        vdi_uuid: str,
+        disks: dict[str, tuple[str, str | None]],
+        referenced: set[str],
+    ) -> None:
+        """Garbage-collect one disk folder, given each disk's (uuid, parent uuid).
+
+        First unreferenced leaves go, repeatedly: disks of runs that never wrote their
+        metadata, and tails nothing needs. Then every run of unreferenced disks with a single
+        child each, ending on a referenced disk, is merged into that disk (which keeps its
+        name). An unreferenced disk with several children is a shared ancestor and stays.
+        """
+        by_uuid = {uuid: path for path, (uuid, _) in disks.items()}
+        parent_of = {
+            path: by_uuid.get(parent) if parent else None for path, (_, parent) in disks.items()
+        }
+        children: dict[str, list[str]] = {path: [] for path in disks}
+        for path, parent in parent_of.items():
+            if parent is not None:
+                children[parent].append(path)
+        pruned = True
+        while pruned:
+            pruned = False
             for path in sorted(disks):
-                if path in referenced or path not in disks:
-                    continue
-                parent_uuid = disks[path][1]
-                if parent_uuid and parent_uuid in by_uuid:
-                    continue  # not the root of an orphan run; handled from its root
-                run = [path]
-                while run[-1] in child_of and run[-1] not in referenced:
-                    run.append(child_of[run[-1]])
-                if run[-1] in referenced and len(run) > 1:
-                    with self.recorder.task("merge", {"disk": vdi_uuid}, parent=self.task) as step:
-                        result = merge_chain(target.remote, run)
-                        step.set_result(size=result.merged_bytes)
-                    merged_uuid = disks[run[-1]][0]
-                    for gone in run:
-                        disks.pop(gone, None)
-                    disks[result.path] = (merged_uuid, None)
-                    self.mark_not_differencing(target, result.path)
-                elif run[-1] not in referenced:
-                    for gone in run:
-                        delete_disk(target.remote, gone)
-                        disks.pop(gone, None)
+                if path not in referenced and not children[path]:
+                    delete_disk(target.remote, path)
+                    del disks[path]
+                    parent = parent_of.pop(path)
+                    if parent is not None:
+                        children[parent].remove(path)
+                    pruned = True
+        for path in sorted(disks):
+            if path in referenced or path not in disks:
+                continue
+            parent = parent_of[path]
+            if parent is not None and parent not in referenced and len(children[parent]) == 1:
+                continue  # inside a run that starts higher up
+            run = [path]
+            while run[-1] not in referenced and len(children[run[-1]]) == 1:
+                run.append(children[run[-1]][0])
+            if run[-1] not in referenced:
+                continue  # a shared ancestor: several chains need it
+            with self.recorder.task("merge", {"disk": vdi_uuid}, parent=self.task) as step:
+                result = merge_chain(target.remote, run)
+                step.set_result(size=result.merged_bytes)
+            for gone in run[:-1]:
+                disks.pop(gone, None)
+            if parent is None:
+                self.mark_not_differencing(target, result.path)
 
     def mark_not_differencing(self, target: RemoteTarget, vhd_path: str) -> None:
         """After a merge into a full, its backup's JSON says the disk is not differencing."""
