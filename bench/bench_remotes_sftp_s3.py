@@ -41,7 +41,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 MIN_RATE_RATIO = 0.8
-RSS_LIMIT_MIB = 200.0
+RSS_LIMIT_MIB = 256.0
+"""Bounded whatever the size: boto3 and paramiko themselves (60-75 MiB), parts in flight (S3:
+at most 48 MiB plus the part being filled) and allocator slack."""
 
 
 def _stream(source: str, writer: Any) -> None:

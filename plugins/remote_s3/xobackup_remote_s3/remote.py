@@ -53,11 +53,11 @@ MIN_PART_SIZE = 5 * MiB
 MAX_PART_SIZE = 5 * 1024 * MiB
 MAX_PARTS = 10_000
 EARLY_PARTS = 50
-"""Parts 1-50 have the first size, 51-100 twice that, then 4x doubling every 1,000 parts."""
+"""Parts 1-50 have the first size; parts 51-1,000 twice that; then doubling every 1,000."""
 PARTS_PER_SIZE_STEP = 1_000
 MEMORY_PART_LIMIT = 32 * MiB
 """Larger parts are spooled to a temporary file instead of memory."""
-MEMORY_IN_FLIGHT = 64 * MiB
+MEMORY_IN_FLIGHT = 48 * MiB
 """In-memory parts being uploaded at once, in bytes (with at least one part)."""
 SPOOL_IN_FLIGHT = 1024 * MiB
 """Spooled parts being uploaded at once, in bytes of temporary files (at least one part)."""
@@ -88,17 +88,15 @@ _OPTIONS = {
 def part_size_for(part_number: int, first_part_size: int = MIN_PART_SIZE) -> int:
     """Size of part ``part_number`` (1-based) of a stream of unknown length.
 
-    Small streams keep small parts (little memory); the size doubles after 50 and 100 parts,
-    because every request has a fixed cost (a 1 GiB stream takes 114 parts, boto3's
-    ``upload_file`` 128), then every 1,000 parts, which keeps the 10,000-part limit out of
-    reach for any stream S3 can hold (5 TiB).
+    Small streams keep small parts (little memory); the size doubles after 50 parts, since
+    every request has a fixed cost (a 1 GiB stream takes 128 parts like boto3's
+    ``upload_file``), then every 1,000 parts, which keeps the 10,000-part limit out of reach
+    for any stream S3 can hold (5 TiB).
     """
     if part_number <= EARLY_PARTS:
         step = 0
-    elif part_number <= 2 * EARLY_PARTS:
-        step = 1
     else:
-        step = 2 + (part_number - 2 * EARLY_PARTS - 1) // PARTS_PER_SIZE_STEP
+        step = 1 + (part_number - 1) // PARTS_PER_SIZE_STEP
     return min(first_part_size << step, MAX_PART_SIZE)
 
 
@@ -208,9 +206,9 @@ class _S3Writer(RemoteWriter):
     """Fills one part at a time and uploads parts in parallel; commit completes the upload.
 
     Parts up to :data:`MEMORY_PART_LIMIT` are held in memory, larger ones (streams past
-    about 20 GiB without a size hint) are spooled to temporary files; the bytes in flight are
+    about 10 GiB without a size hint) are spooled to temporary files; the bytes in flight are
     bounded (:data:`MEMORY_IN_FLIGHT`, :data:`SPOOL_IN_FLIGHT`), so memory stays under
-    about 100 MiB whatever the stream's size.
+    about 70 MiB of part data whatever the stream's size.
     """
 
     def __init__(self, remote: S3Remote, path: str, size_hint: int | None) -> None:
@@ -330,7 +328,7 @@ class _S3Writer(RemoteWriter):
             )
             return {"PartNumber": number, "ETag": response["ETag"]}
         finally:
-            if isinstance(body, _PartBody):
+            if hasattr(body, "buffer"):
                 with self._free_lock:
                     self._free.append(body.buffer)
             body.close()

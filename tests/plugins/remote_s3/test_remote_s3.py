@@ -81,10 +81,10 @@ def test_part_sizes_cover_huge_streams():
     from xobackup_remote_s3.remote import MAX_PARTS, MIN_PART_SIZE, first_part_size, part_size_for
 
     assert part_size_for(1) == part_size_for(50) == MIN_PART_SIZE
-    assert part_size_for(51) == part_size_for(100) == 2 * MIN_PART_SIZE
-    assert part_size_for(101) == part_size_for(1100) == 4 * MIN_PART_SIZE
-    assert part_size_for(1101) == 8 * MIN_PART_SIZE
-    assert sum(part_size_for(n) for n in range(1, 115)) >= 2**30  # 1 GiB in 114 parts
+    assert part_size_for(51) == part_size_for(1000) == 2 * MIN_PART_SIZE
+    assert part_size_for(1001) == part_size_for(2000) == 4 * MIN_PART_SIZE
+    assert part_size_for(2001) == 8 * MIN_PART_SIZE
+    assert sum(part_size_for(n) for n in range(1, 129)) >= 2**30  # 1 GiB in 128 parts
     covered = sum(part_size_for(n) for n in range(1, MAX_PARTS + 1))
     assert covered > 4.8 * 2**40  # S3's 5 TiB object limit, without any hint
     hint = 3 * 2**40
