@@ -1,9 +1,10 @@
 """The S3 remote: boto3, streaming multipart uploads, ranged reads, virtual folders.
 
 * Writes stream as a multipart upload whose parts are sent in parallel (a bounded number in
-  flight, so memory does not grow with the stream). Parts start at 5 MiB (S3's minimum) and
-  double every 1,000 parts, so the 10,000-part limit covers about 4.9 TiB without a size hint;
-  with a size hint the first part is already large enough for the hinted size
+  flight, so memory does not grow with the stream). Parts start at 5 MiB (S3's minimum),
+  double after 50 parts and then every 1,000 parts, so the 10,000-part limit covers more than
+  S3's 5 TiB object limit without a size hint; with a size hint the first part is already
+  large enough for the hinted size
   (xo-backups.md §10.5). Committing completes the upload (a small file is one PutObject);
   aborting calls AbortMultipartUpload. An upload cut by a dead server is never visible under
   its key; :meth:`S3Remote.abort_incomplete_uploads` removes what it left.
