@@ -489,6 +489,11 @@ class _NfsWriter(RemoteWriter):
 
     def _write(self, data: memoryview) -> None:
         while data:
+            if self._filled == 0 and len(data) >= WRITE_BUFFER and not data.readonly:
+                # A writable caller buffer goes to libnfs as it is: no copy.
+                self._send(data[:WRITE_BUFFER])
+                data = data[WRITE_BUFFER:]
+                continue
             take = min(len(data), WRITE_BUFFER - self._filled)
             self._buffer[self._filled : self._filled + take] = data[:take]
             self._filled += take

@@ -143,6 +143,19 @@ def test_files_land_in_the_export_under_the_final_name_only(nfs_server):
     assert os.listdir(folder) == ["disk.vhd"]
 
 
+def test_writable_buffers_are_written_without_a_copy_and_correctly(nfs_server):
+    data = pattern(5 * MiB + 77, seed=6)
+    with nfs_server.joined(), _remote(nfs_server, "direct") as remote:
+        buffer = bytearray(3 * MiB + 11)
+        with remote.open_write("/f") as writer:
+            for offset in range(0, len(data), len(buffer)):
+                piece = data[offset : offset + len(buffer)]
+                buffer[: len(piece)] = piece
+                writer.write(memoryview(buffer)[: len(piece)])
+                buffer[:] = bytes(len(buffer))  # reusing the buffer must not alter the file
+        assert remote.read_bytes("/f") == data
+
+
 def test_subfolder_of_an_export_that_does_not_exist_yet_is_created(nfs_server):
     sub = f"new-{uuid.uuid4().hex[:8]}/inner"
     with nfs_server.joined(), _remote(nfs_server, sub) as remote:
