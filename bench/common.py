@@ -404,6 +404,7 @@ def format_result(entry: dict[str, Any]) -> str:
         f"{entry['name']:<44} ours {_cell(entry['ours_s']):>7}s  {reference}  "
         f"ratio {_cell(entry['ratio'], 3)}  target {entry['target'] or '-'}  "
         f"{'pass' if entry['passed'] else 'FAIL'}  peak RSS {_cell(entry['peak_rss_mib'], 1)} MiB"
+        + (f"  (CPU time ratio {entry['cpu_ratio']:.3f})" if entry.get("cpu_ratio") else "")
     )
 
 
@@ -414,7 +415,17 @@ def print_result(entry: dict[str, Any]) -> None:
 
 def print_table(entries: Sequence[dict[str, Any]]) -> None:
     """A fixed-width table of results."""
-    header = ("benchmark", "ours s", "reference", "ref s", "ratio", "target", "result", "RSS MiB")
+    header = (
+        "benchmark",
+        "ours s",
+        "reference",
+        "ref s",
+        "ratio",
+        "target",
+        "result",
+        "RSS MiB",
+        "CPU ratio",
+    )
     rows = [
         (
             entry["name"],
@@ -425,6 +436,7 @@ def print_table(entries: Sequence[dict[str, Any]]) -> None:
             entry["target"] or "-",
             "pass" if entry["passed"] else "FAIL",
             _cell(entry["peak_rss_mib"], 1),
+            _cell(entry.get("cpu_ratio"), 3),
         )
         for entry in entries
     ]
