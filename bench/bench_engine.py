@@ -56,8 +56,12 @@ def run_job(config_path: str, job: str) -> dict[str, Any]:
         backups = repository.list_backups(vm)
         if backups:
             newest += backups[-1].size
-    return {"seconds": seconds, "status": outcome.status, "vms": len(outcome.vm_status),
-            "size": newest}
+    return {
+        "seconds": seconds,
+        "status": outcome.status,
+        "vms": len(outcome.vm_status),
+        "size": newest,
+    }
 
 
 def write_config(folder: Path, sim: Any, jobs: str) -> Path:
@@ -88,7 +92,8 @@ class Xapi:
     def guest(self) -> str:
         records = self.x.VM.get_all_records()
         return next(
-            ref for ref, r in records.items()
+            ref
+            for ref, r in records.items()
             if not r["is_a_template"] and not r["is_control_domain"] and not r["is_a_snapshot"]
         )
 
@@ -128,11 +133,14 @@ def bench_delta(curl: str, size: int, folder: Path) -> list[dict[str, Any]]:
     from xobackup_hypervisor_xcpng.sim import Simulator
 
     blocks = size // (2 * MIB)
-    with Simulator(pools=1, vms=1, hosts=1, disk_size=size, allocated_blocks=blocks,
-                   data_dir=folder / "sim") as sim:
+    with Simulator(
+        pools=1, vms=1, hosts=1, disk_size=size, allocated_blocks=blocks, data_dir=folder / "sim"
+    ) as sim:
         config = write_config(
-            folder, sim, '[jobs.delta]\nmode = "delta"\nremotes = ["nas"]\nsmart = {}\n'
-            'settings = { exportRetention = 5 }\n'
+            folder,
+            sim,
+            '[jobs.delta]\nmode = "delta"\nremotes = ["nas"]\nsmart = {}\n'
+            "settings = { exportRetention = 5 }\n",
         )
         _ours(config, "delta")  # the first, full backup: the base
         xapi = Xapi(sim)
@@ -140,7 +148,8 @@ def bench_delta(curl: str, size: int, folder: Path) -> list[dict[str, Any]]:
         vdi_uuid = xapi.x.VDI.get_uuid(xapi.disk_of(vm))
         sim.randomize_blocks(vdi_uuid, 0.05, seed=1)
         base = next(
-            s for s in xapi.x.VM.get_snapshots(vm)
+            s
+            for s in xapi.x.VM.get_snapshots(vm)
             if xapi.x.VM.get_other_config(s).get("xo:backup:exported") == "true"
         )
         snapshot = xapi.x.VM.snapshot(vm, "bench reference")
@@ -171,13 +180,15 @@ def bench_delta(curl: str, size: int, folder: Path) -> list[dict[str, Any]]:
     ]
 
 
-def bench_full(curl: str, size: int, folder: Path, check_rss_against: float | None = None
-               ) -> tuple[dict[str, Any], float]:
+def bench_full(
+    curl: str, size: int, folder: Path, check_rss_against: float | None = None
+) -> tuple[dict[str, Any], float]:
     from xobackup_hypervisor_xcpng.sim import Simulator
 
     blocks = size // (2 * MIB)
-    with Simulator(pools=1, vms=1, hosts=1, disk_size=size, allocated_blocks=blocks,
-                   data_dir=folder / "sim") as sim:
+    with Simulator(
+        pools=1, vms=1, hosts=1, disk_size=size, allocated_blocks=blocks, data_dir=folder / "sim"
+    ) as sim:
         config = write_config(
             folder, sim, '[jobs.full]\nmode = "full"\nremotes = ["nas"]\nsmart = {}\n'
         )
@@ -202,11 +213,19 @@ def bench_full(curl: str, size: int, folder: Path, check_rss_against: float | No
 def bench_scale(vms_per_pool: int, folder: Path) -> list[dict[str, Any]]:
     from xobackup_hypervisor_xcpng.sim import Simulator
 
-    with Simulator(pools=5, vms=vms_per_pool, hosts=1, disk_size=4 * MIB, allocated_blocks=1,
-                   data_dir=folder / "sim") as sim:
+    with Simulator(
+        pools=5,
+        vms=vms_per_pool,
+        hosts=1,
+        disk_size=4 * MIB,
+        allocated_blocks=1,
+        data_dir=folder / "sim",
+    ) as sim:
         config = write_config(
-            folder, sim, '[jobs.all]\nmode = "delta"\nremotes = ["nas"]\nsmart = {}\n'
-            'settings = { concurrency = 0 }\n'
+            folder,
+            sim,
+            '[jobs.all]\nmode = "delta"\nremotes = ["nas"]\nsmart = {}\n'
+            "settings = { concurrency = 0 }\n",
         )
         ours, figures = _ours(config, "all")
         maxima = [pool.in_flight.maximum for pool in sim.pools]
