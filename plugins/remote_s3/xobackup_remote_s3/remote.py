@@ -520,7 +520,8 @@ class S3Remote(Remote):
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> S3Remote:
         """Parse an ``s3://``, ``s3+http://`` or ``s3+https://`` URL and the remote's options."""
-        name = str(options.get("name") or redact_url(url))
+        # The CLI names a remote opened by URL after the URL: never show its password.
+        name = redact_url(str(options.get("name") or url))
         unknown = sorted(set(options) - set(_OPTIONS) - {"username", "password"})
         if unknown:
             raise RemoteConfigError(

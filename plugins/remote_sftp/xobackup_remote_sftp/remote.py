@@ -699,7 +699,8 @@ class SftpRemote(Remote):
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> SftpRemote:
         """Parse ``sftp://user@host[:port]/path`` and the remote's options."""
-        name = str(options.get("name") or redact_url(url))
+        # The CLI names a remote opened by URL after the URL: never show its password.
+        name = redact_url(str(options.get("name") or url))
         options = {**_query_options(url, name), **options}
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:

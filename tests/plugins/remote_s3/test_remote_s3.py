@@ -288,3 +288,14 @@ def test_only_transient_errors_are_marked_retryable(moto_server, code, status, t
         mapped = remote._map(error, "write", "/x")
     assert mapped.transient is transient
     assert "cloud" in str(mapped) and "/x" in str(mapped)
+
+
+def test_a_secret_in_the_url_never_shows_in_errors(seaweed_server):
+    from xobackup_remote_s3 import S3Remote
+
+    port = seaweed_server.endpoint.rsplit(":", 1)[1]
+    url = f"s3+http://{seaweed_server.access_key}:Wrong-Secret-77@127.0.0.1:{port}/missing-b/x"
+    with pytest.raises(RemotePermissionError) as caught:
+        S3Remote.from_url(url, {"name": url, "retries": 0})
+    assert "Wrong-Secret-77" not in str(caught.value)
+    assert "***" in str(caught.value)

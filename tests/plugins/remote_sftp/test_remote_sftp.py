@@ -255,3 +255,15 @@ def test_full_disk_is_reported_as_no_space(sftp_server):
             assert os.listdir(small / "vm") == []  # the temporary file was removed
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_password_in_the_url_never_shows_in_errors(sftp_server):
+    from xobackup_remote_sftp import SftpRemote
+
+    url = f"sftp://{sftp_server.user}:Wrong-Pa55word@127.0.0.1:{sftp_server.port}/x"
+    fingerprint = sftp_server.host_key_fingerprint
+    with pytest.raises(RemotePermissionError) as caught:
+        # The CLI passes the URL itself as the remote's name.
+        SftpRemote.from_url(url, {"name": url, "host_key_fingerprint": fingerprint})
+    assert "Wrong-Pa55word" not in str(caught.value)
+    assert "***" in str(caught.value)
