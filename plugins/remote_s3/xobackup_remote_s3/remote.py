@@ -80,6 +80,7 @@ _OPTIONS = {
     "retries": "attempts after a transient failure (5xx, SlowDown, reset); default 5",
     "part_size": "first multipart part size in bytes (>= 5 MiB); default 5 MiB",
     "upload_concurrency": "parts of one file uploaded in parallel; default 8",
+    "upload_memory": "bytes of in-memory parts in flight per file (at least one part); 48 MiB",
     "checksums": "'when_supported' (default) or 'when_required' for older S3-compatible servers",
     "verify_tls": "check the server's TLS certificate; default true (or a CA bundle path)",
     "purge_versions": "delete every version of a file (versioned buckets), not just hide it",
@@ -124,6 +125,7 @@ class S3Settings:
     retries: int = 5
     part_size: int = MIN_PART_SIZE
     upload_concurrency: int = 8
+    upload_memory: int = MEMORY_IN_FLIGHT
     checksums: str = "when_supported"
     verify_tls: bool | str = True
     purge_versions: bool = False
@@ -307,8 +309,9 @@ class _S3Writer(RemoteWriter):
 
     def _wait_for_slot(self, size: int) -> None:
         """Block until this part may be sent: a bounded number of bytes in flight."""
-        budget = SPOOL_IN_FLIGHT if size > MEMORY_PART_LIMIT else MEMORY_IN_FLIGHT
-        limit = max(1, min(self._remote.settings.upload_concurrency, budget // max(size, 1)))
+        settings = self._remote.settings
+        budget = SPOOL_IN_FLIGHT if size > MEMORY_PART_LIMIT else settings.upload_memory
+        limit = max(1, min(settings.upload_concurrency, budget // max(size, 1)))
         with self._in_flight_changed:
             while self._in_flight >= limit:
                 self._in_flight_changed.wait()
@@ -456,7 +459,8 @@ class S3Remote(Remote):
     (path-style). Credentials: ``access_key`` and ``secret_key`` (secret) options, the
     ``ak:sk@`` user-info of the URL, or the environment / AWS config files.
     Other options: ``region``, ``path_style``, ``connect_timeout`` (30 s), ``timeout`` (600 s),
-    ``retries`` (5), ``part_size`` (5 MiB), ``upload_concurrency`` (8), ``checksums``,
+    ``retries`` (5), ``part_size`` (5 MiB), ``upload_concurrency`` (8), ``upload_memory``
+    (48 MiB: raise it on fast links, memory for speed), ``checksums``,
     ``verify_tls``, ``purge_versions``.
     """
 
@@ -581,6 +585,7 @@ class S3Remote(Remote):
                 retries=int(options.get("retries", 5)),
                 part_size=int(options.get("part_size", MIN_PART_SIZE)),
                 upload_concurrency=max(1, int(options.get("upload_concurrency", 8))),
+                upload_memory=int(options.get("upload_memory", MEMORY_IN_FLIGHT)),
                 checksums=str(options.get("checksums", "when_supported")),
                 verify_tls=options.get("verify_tls", True),
                 purge_versions=bool(options.get("purge_versions", False)),
