@@ -10,6 +10,7 @@ from xobackup_core.cli.context import AppContext, pass_app
 from xobackup_core.engine.progress import LineProgress, TerminalProgress
 from xobackup_core.engine.runner import JobRunner
 from xobackup_core.errors import ExitCode, UsageError
+from xobackup_core.scheduler.daemon import record_already_running, running_run_of
 
 
 @click.command("run")
@@ -28,6 +29,11 @@ def run_command(app: AppContext, job: str, schedule: str | None) -> None:
     if schedule is None:
         schedule = next((k for k, s in config.schedules.items() if s.job == job), None)
     store = app.log_store()
+    running = running_run_of(store, config.job_id(job))
+    if running is not None:
+        record_already_running(store, app.plugins, config, job, schedule, running)
+        click.secho(f"job {job!r} is already running (run {running}): skipped", fg="yellow")
+        raise SystemExit(int(ExitCode.FAILURE))
     progress = TerminalProgress() if sys.stdout.isatty() else LineProgress()
     runner = JobRunner(config, app.plugins, store, progress=progress)
     try:

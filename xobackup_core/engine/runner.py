@@ -42,7 +42,13 @@ from xobackup_core.engine.streams import (
     Target,
     describe_error,
 )
-from xobackup_core.errors import FormatError, RemoteError, RemoteNotFoundError, XobackupError
+from xobackup_core.errors import (
+    CancelledError,
+    FormatError,
+    RemoteError,
+    RemoteNotFoundError,
+    XobackupError,
+)
 from xobackup_core.formats.vhd_chain import open_vhd_chain
 from xobackup_core.formats.vhd_directory import (
     is_alias,
@@ -61,6 +67,8 @@ from xobackup_core.logs.recorder import RunRecorder, TaskHandle
 from xobackup_core.logs.records import Status
 from xobackup_core.plugins import Plugins
 from xobackup_core.remote import Remote, join_path
+from xobackup_core.scheduler.guard import Deadline, RunGuard, RunTimeoutError
+from xobackup_core.scheduler.locks import VmLocks
 
 MIGRATION_BLOCKED = "VM migration is blocked during backup"
 NO_BACKUP_DISK_MARK = "[NOBAK]"
@@ -149,11 +157,27 @@ class JobRunner:
             listener=self.plugins,
         )
         outcome = RunOutcome(run_id=recorder.run_id, status="pending")
-        with recorder:
-            skipped = self._run(job_key, schedule_key, job_view, settings, recorder, outcome)
-            if skipped:
+        deadline = Deadline(
+            settings["timeout"] or None, what=f"job {job_view['name']!r}", setting="timeout"
+        )
+        interrupted = False
+        with recorder, RunGuard(self.log_store, recorder.run_id, deadline) as guard:
+            try:
+                skipped = self._run(
+                    job_key, schedule_key, job_view, settings, recorder, outcome, guard
+                )
+            except KeyboardInterrupt:
+                interrupted = True
+                skipped = None
+            if isinstance(guard.error, CancelledError):
+                recorder.finish(guard.error, status=Status.CANCELLED)
+            elif guard.error is not None:
+                recorder.finish(guard.error)
+            elif skipped:
                 recorder.finish(skipped, status=Status.SKIPPED)
         outcome.status = recorder.record.status.value
+        if interrupted:
+            raise KeyboardInterrupt
         return outcome
 
     def _run(
@@ -164,6 +188,7 @@ class JobRunner:
         settings: dict[str, Any],
         recorder: RunRecorder,
         outcome: RunOutcome,
+        guard: RunGuard,
     ) -> str | None:
         """Back up every selected VM; returns the reason when the run is skipped."""
         config = self.config
@@ -209,6 +234,10 @@ class JobRunner:
                 ) as vm_task:
                     backup = _VmBackup(
                         runner=self,
+                        guard=guard,
+                        deadline=guard.deadline.child(
+                            vm_settings["vmTimeout"] or None, what=f"VM {vm.name}"
+                        ),
                         driver=self.driver(pool_server[vm.pool_uuid]),
                         inventory=merged,
                         vm=vm,
@@ -228,7 +257,16 @@ class JobRunner:
             self.progress.vm_finished(vm.uuid, status)
 
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vm") as pool:
-            list(pool.map(backup_one, vms))
+            futures = [pool.submit(backup_one, vm) for vm in vms]
+            try:
+                for future in futures:
+                    future.result()
+            except KeyboardInterrupt:
+                # Ctrl-C: every VM stops its transfers now; the executor then waits for them.
+                guard.stop_now(CancelledError("interrupted by the user (Ctrl-C)"))
+                for future in futures:
+                    future.cancel()
+                raise
         return None
 
     def _open_remotes(self, names: Sequence[str], recorder: RunRecorder) -> list[RemoteTarget]:
@@ -270,6 +308,8 @@ class _VmBackup:
         self,
         *,
         runner: JobRunner,
+        guard: RunGuard,
+        deadline: Deadline,
         driver: HypervisorDriver,
         inventory: Inventory,
         vm: Vm,
@@ -296,6 +336,33 @@ class _VmBackup:
         self.limiter = runner.limiter
         self.dropped: list[str] = []
         self._targets_lock = threading.Lock()
+        self.guard = guard
+        self.deadline = deadline
+        self._streams: set[Any] = set()
+
+    def check(self) -> None:
+        """Raise when the run is cancelled or out of time, or this VM is out of time."""
+        self.guard.check()
+        self.deadline.check()
+
+    def _abort_streams(self, _reason: BaseException) -> None:
+        # Called from the guard's thread: closing a stream makes a read blocked in it fail,
+        # so a cancel or a timeout stops transfers within seconds.
+        for stream in list(self._streams):
+            try:
+                stream.close()
+            except Exception:
+                pass
+
+    @contextmanager
+    def tracked(self, stream: Any) -> Iterator[Any]:
+        """Use an export stream that a cancel or a timeout can close under the reader."""
+        self._streams.add(stream)
+        try:
+            with stream:
+                yield stream
+        finally:
+            self._streams.discard(stream)
 
     # -- helpers -----------------------------------------------------------------------------
     @contextmanager
@@ -343,6 +410,34 @@ class _VmBackup:
 
     # -- the flow ----------------------------------------------------------------------------
     def run(self) -> None:
+        unwatch = self.guard.watch(self.deadline, self._abort_streams)
+        unregister = self.guard.on_stop(self._abort_streams)
+        owner = f"job {self.job['name']} (run {self.recorder.run_id})"
+        had_targets = bool(self.targets)
+        try:
+            self.check()
+            with VmLocks({t.key: t.remote for t in self.targets}, self.vm.uuid, owner) as refused:
+                for key, error in refused.items():
+                    self.drop_target(key, error, "lock")
+                if had_targets and not self.targets:
+                    raise XobackupError("all targets have failed: the VM is locked on each")
+                self._run_locked()
+        except Exception as error:
+            # A transfer stopped by a cancel or a timeout fails with whatever the closed
+            # stream raised: report the real reason.
+            if self.guard.error is not None and error is not self.guard.error:
+                raise self.guard.error from error
+            if self.deadline.expired:
+                try:
+                    self.deadline.check()
+                except RunTimeoutError as timeout:
+                    raise timeout from error
+            raise
+        finally:
+            unwatch()
+            unregister()
+
+    def _run_locked(self) -> None:
         mode = self.job["mode"]
         blocked_before = dict(self.vm.blocked_operations)
         self.driver.update_vm(
@@ -479,13 +574,14 @@ class _VmBackup:
                 self.drop_target(t.name, t.error or RuntimeError("failed"), "transfer")
 
             fanout = Fanout(fan_targets, dropped)
+
+            def on_chunk(size: int) -> None:
+                self.check()
+                self.runner.progress.transferred(self.vm.uuid, size)
+
             try:
-                with stream:
-                    fanout.copy_stream(
-                        stream,
-                        self.rate,
-                        on_chunk=lambda size: self.runner.progress.transferred(self.vm.uuid, size),
-                    )
+                with self.tracked(stream):
+                    fanout.copy_stream(stream, self.rate, on_chunk=on_chunk)
             except Exception as error:
                 fanout.abort(error)
                 message = f"export of {self.vm.name} failed: {describe_error(error)}"
@@ -705,7 +801,7 @@ class _VmBackup:
                     snap_disk.vdi_uuid,
                     base_vdi_uuid=base_disk.vdi_uuid if base_disk else None,
                 )
-                with stream:
+                with self.tracked(stream):
                     stored = self.write_vhd_to_targets(stream, disk, snap_disk, base_disk, stamp)
                     return disk.vdi_uuid, stored
 
@@ -782,6 +878,7 @@ class _VmBackup:
         fanout = Fanout(fan_targets, dropped)
         try:
             for index, data in reader.blocks():
+                self.check()
                 self.rate.consume(len(data))
                 self.runner.progress.transferred(self.vm.uuid, len(data))
                 if not fanout.write((index, data), size=len(data)):

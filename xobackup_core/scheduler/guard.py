@@ -212,6 +212,10 @@ class RunGuard:
             self._trigger(reason)
         return self.error
 
+    def stop_now(self, reason: XobackupError) -> None:
+        """Stop the run for ``reason`` (Ctrl-C on ``xobackup run``): callbacks fire at once."""
+        self._trigger(reason)
+
     def _trigger(self, reason: XobackupError) -> None:
         with self._lock:
             if self.error is not None:
