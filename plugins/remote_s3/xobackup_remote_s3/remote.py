@@ -38,6 +38,7 @@ from xobackup_core.errors import (
     RemoteConfigError,
     RemoteConnectionError,
     RemoteError,
+    RemoteExistsError,
     RemoteNoSpaceError,
     RemoteNotFoundError,
     RemotePermissionError,
@@ -84,6 +85,7 @@ _OPTIONS = {
     "checksums": "'when_supported' (default) or 'when_required' for older S3-compatible servers",
     "verify_tls": "check the server's TLS certificate; default true (or a CA bundle path)",
     "purge_versions": "delete every version of a file (versioned buckets), not just hide it",
+    "conditional_writes": "the server honours If-None-Match (exclusive lock files); default true",
 }
 
 
@@ -129,6 +131,7 @@ class S3Settings:
     checksums: str = "when_supported"
     verify_tls: bool | str = True
     purge_versions: bool = False
+    conditional_writes: bool = True
 
 
 def _secret(value: Any) -> Secret | None:
@@ -471,6 +474,9 @@ class S3Remote(Remote):
     def __init__(self, settings: S3Settings, *, name: str) -> None:
         self.settings = settings
         self.name = name
+        if not settings.conditional_writes:
+            # Hide the extension: callers then know no exclusive create is available.
+            self.create_exclusive = None  # type: ignore[assignment]
         session = boto3.session.Session(
             aws_access_key_id=settings.access_key,
             aws_secret_access_key=settings.secret_key.reveal() if settings.secret_key else None,
@@ -589,6 +595,7 @@ class S3Remote(Remote):
                 checksums=str(options.get("checksums", "when_supported")),
                 verify_tls=options.get("verify_tls", True),
                 purge_versions=bool(options.get("purge_versions", False)),
+                conditional_writes=bool(options.get("conditional_writes", True)),
             )
         except (TypeError, ValueError) as error:
             raise RemoteConfigError(f"invalid option: {error}", remote=name) from None
@@ -705,6 +712,32 @@ class S3Remote(Remote):
     def open_write(self, path: str, size_hint: int | None = None) -> RemoteWriter:
         """Start a streaming upload; ``size_hint`` (bytes) sizes the parts for huge streams."""
         return _S3Writer(self, normalize_path(path), size_hint)
+
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        """Create ``path`` holding ``data`` only if no object is there (atomic, for locks).
+
+        A ``PutObject`` with ``If-None-Match: *`` (AWS, MinIO, SeaweedFS and moto honour
+        it); the loser of a race gets :class:`~xobackup_core.errors.RemoteExistsError`. A
+        server that ignores the header would overwrite: set the option
+        ``conditional_writes = false`` for it, and locks fall back to their best-effort mode.
+        """
+        path = normalize_path(path)
+        try:
+            self._client.put_object(
+                Bucket=self.settings.bucket, Key=self._key(path), Body=data, IfNoneMatch="*"
+            )
+        except botocore.exceptions.ClientError as error:
+            code, status, _message = _error_code(error)
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (
+                409,
+                412,
+            ):
+                raise RemoteExistsError(
+                    "already exists", remote=self.name, operation="create", path=path
+                ) from None
+            raise self._map(error, "create", path) from None
+        except Exception as error:
+            raise self._map(error, "create", path) from None
 
     def open_read(self, path: str, offset: int = 0, length: int | None = None) -> BinaryIO:
         path = normalize_path(path)

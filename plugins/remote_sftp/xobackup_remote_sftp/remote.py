@@ -51,6 +51,7 @@ from xobackup_core.errors import (
     RemoteConfigError,
     RemoteConnectionError,
     RemoteError,
+    RemoteExistsError,
     RemoteNoSpaceError,
     RemoteNotFoundError,
     RemotePermissionError,
@@ -914,6 +915,40 @@ class SftpRemote(Remote):
                 raw = _SftpReader(self, path, offset, length)
                 return io.BufferedReader(raw, buffer_size=1024 * 1024)  # type: ignore[return-value]
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        """Create ``path`` holding ``data`` only if nothing is there (atomic, for locks).
+
+        The data goes to a temporary file first, then SFTP's plain rename publishes it: that
+        rename never replaces an existing file (OpenSSH does it with ``link()``), so of two
+        racing writers exactly one wins and readers never see a partial file. The loser
+        gets :class:`~xobackup_core.errors.RemoteExistsError`.
+        """
+        path = normalize_path(path)
+        final = self._abs(path)
+        folder, name = posixpath.split(final)
+        temp = posixpath.join(folder, make_temp_name(name))
+
+        def create(session: _Session) -> None:
+            self._makedirs_on(session, parent_path(path))
+            with session.sftp.open(temp, "wb") as handle:
+                handle.write(data)
+            try:
+                session.sftp.rename(temp, final)
+            except OSError:
+                try:
+                    session.sftp.remove(temp)
+                except OSError:
+                    pass
+                try:
+                    session.sftp.lstat(final)
+                except FileNotFoundError:
+                    raise
+                raise RemoteExistsError(
+                    "already exists", remote=self.name, operation="create", path=path
+                ) from None
+
+        self._run("create", path, create)
 
     def open_update(self, path: str) -> RemoteFile:
         return _SftpFile(self, normalize_path(path))

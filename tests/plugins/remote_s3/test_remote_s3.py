@@ -299,3 +299,18 @@ def test_a_secret_in_the_url_never_shows_in_errors(seaweed_server):
         S3Remote.from_url(url, {"name": url, "retries": 0})
     assert "Wrong-Secret-77" not in str(caught.value)
     assert "***" in str(caught.value)
+
+
+@pytest.mark.parametrize("server_name", ["moto_server", "seaweed_server"])
+def test_create_exclusive_refuses_an_existing_object(server_name, request):
+    from xobackup_core.errors import RemoteExistsError
+
+    server = request.getfixturevalue(server_name)
+    with open_remote(server, make_bucket(server), name="cloud") as remote:
+        remote.create_exclusive("/xo-vm-backups/vm.lock", b"first")
+        with pytest.raises(RemoteExistsError) as caught:
+            remote.create_exclusive("/xo-vm-backups/vm.lock", b"second")
+        assert "cloud" in str(caught.value) and "/xo-vm-backups/vm.lock" in str(caught.value)
+        assert remote.read_bytes("/xo-vm-backups/vm.lock") == b"first"
+    with open_remote(server, make_bucket(server), conditional_writes=False) as remote:
+        assert getattr(remote, "create_exclusive", None) is None

@@ -267,3 +267,30 @@ def test_a_password_in_the_url_never_shows_in_errors(sftp_server):
         SftpRemote.from_url(url, {"name": url, "host_key_fingerprint": fingerprint})
     assert "Wrong-Pa55word" not in str(caught.value)
     assert "***" in str(caught.value)
+
+
+def test_create_exclusive_has_one_winner(sftp_server):
+    import threading
+
+    from xobackup_core.errors import RemoteExistsError
+
+    with _remote(sftp_server, "locks") as remote:
+        winners, losers = [], []
+        barrier = threading.Barrier(6)
+
+        def contend(index: int) -> None:
+            barrier.wait()
+            try:
+                remote.create_exclusive("/xo-vm-backups/vm.lock", f"holder {index}".encode())
+                winners.append(index)
+            except RemoteExistsError:
+                losers.append(index)
+
+        threads = [threading.Thread(target=contend, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(winners) == 1 and len(losers) == 5
+        assert remote.read_bytes("/xo-vm-backups/vm.lock") == f"holder {winners[0]}".encode()
+        assert os.listdir(sftp_server.data_dir / "locks" / "xo-vm-backups") == ["vm.lock"]
