@@ -44,9 +44,14 @@ class Harness:
     def remote_dir(self):
         return self.tmp_path / "remote"
 
-    def run(self, config, job, schedule=None, limiter=None):
+    def run(self, config, job, schedule=None, limiter=None, clock=None):
+        options = {"clock": clock} if clock is not None else {}
         runner = JobRunner(
-            config, self.plugins, self.store, limiter=limiter or PoolLimiter(LimitValues())
+            config,
+            self.plugins,
+            self.store,
+            limiter=limiter or PoolLimiter(LimitValues()),
+            **options,
         )
         try:
             return runner.run(job, schedule)

@@ -1,6 +1,8 @@
 """Restores onto another pool that never saw the VM, checked bit for bit."""
 
+import itertools
 import json
+import time
 
 import pytest
 from xobackup_hypervisor_xcpng.sim import Simulator
@@ -49,7 +51,7 @@ def content(sim, vdi):
     return sim.read(vdi, 0, sim.vdi_data(vdi).size)
 
 
-@pytest.mark.parametrize("depth", [1, 5])
+@pytest.mark.parametrize("depth", [1, 5, pytest.param(60, marks=pytest.mark.slow)])
 def test_delta_backup_restores_to_a_new_pool(two_pools, depth):
     harness = two_pools
     vm = source_vm(harness)
@@ -60,13 +62,19 @@ def test_delta_backup_restores_to_a_new_pool(two_pools, depth):
                 "mode": "delta",
                 "remotes": ["nas"],
                 "vms": [vm.uuid],
-                "settings": {"exportRetention": 10},
+                "settings": {"exportRetention": 100},
             }
         }
     )
+    # A clock a minute ahead per call: backups are named by the second, so real time would
+    # make each run wait for the next second.
+    ticks = itertools.count(time.time(), 60)
     for run in range(depth):
-        harness.sim.randomize_blocks(vdi, 0.2, seed=run)
-        assert harness.run(config, "delta").status == "success"
+        harness.sim.randomize_blocks(vdi, 0.1, seed=run)
+        outcome = harness.run(config, "delta", clock=lambda: next(ticks))
+        assert outcome.status == "success"
+    remote_chain = BackupRepository(LocalRemote(harness.remote_dir)).list_backups(vm.uuid)
+    assert len(remote_chain) == depth
     expected = content(harness.sim, vdi)
     remote = LocalRemote(harness.remote_dir)
     backup = BackupRepository(remote).list_backups(vm.uuid)[-1]
