@@ -33,6 +33,7 @@ from xobackup_core.config import Config
 from xobackup_core.engine.disk_sinks import VhdDirectorySink, VhdFileSink
 from xobackup_core.engine.limits import LimitValues, PoolLimiter, shared_limiter
 from xobackup_core.engine.progress import Progress
+from xobackup_core.engine.replication import Replication, SrTarget, open_sr_targets
 from xobackup_core.engine.repository import BackupMetadata, BackupRepository, format_timestamp
 from xobackup_core.engine.retention import entries_to_delete, period_tags
 from xobackup_core.engine.streams import (
@@ -212,12 +213,13 @@ class JobRunner:
         if job.remotes and settings["exportRetention"] == 0:
             recorder.info("exportRetention is 0 for this schedule: no backup to remotes")
             remote_names = []
-        if job.srs:
-            recorder.warning("replication to SRs is not available yet: the job's srs are ignored")
+        sr_targets = open_sr_targets(job.srs, inventories, self.driver, recorder.warning)
+        if job.srs and not sr_targets and not remote_names:
+            raise XobackupError("no SR of the job was found in the configured servers")
         targets = self._open_remotes(remote_names, recorder)
         if remote_names and not targets:
             raise XobackupError("no remote of the job could be opened")
-        if not targets and settings["snapshotRetention"] <= 0:
+        if not targets and not sr_targets and settings["snapshotRetention"] <= 0:
             return "nothing to do: no remote to write to and no snapshotRetention"
         limiter = RateLimiter(int(settings["maxExportRate"] or 0))
         workers = settings["concurrency"] or len(vms)
@@ -245,6 +247,7 @@ class JobRunner:
                         schedule_key=schedule_key,
                         settings=vm_settings,
                         targets=targets,
+                        sr_targets=sr_targets,
                         recorder=recorder,
                         task=vm_task,
                         rate=limiter,
@@ -320,6 +323,7 @@ class _VmBackup:
         recorder: RunRecorder,
         task: TaskHandle,
         rate: RateLimiter,
+        sr_targets: Sequence[SrTarget] = (),
     ) -> None:
         self.runner = runner
         self.driver = driver
@@ -339,6 +343,7 @@ class _VmBackup:
         self.guard = guard
         self.deadline = deadline
         self._streams: set[Any] = set()
+        self.replication = Replication(self, [SrTarget(t.sr, t.pool, t.driver) for t in sr_targets])
 
     def check(self) -> None:
         """Raise when the run is cancelled or out of time, or this VM is out of time."""
@@ -454,7 +459,7 @@ class _VmBackup:
             except XobackupError as error:
                 self.task.warning(f"cleaning {target.key} before the backup failed: {error}")
         try:
-            if not self.targets:
+            if not self.targets and not self.replication.targets:
                 self.rolling_snapshot()
             elif mode == "full":
                 self.full_backup()
@@ -522,10 +527,17 @@ class _VmBackup:
         compression = {"": "none", "native": "gzip"}.get(
             self.job["compression"], self.job["compression"]
         )
+        if self.replication.targets and compression != "none":
+            # An XVA import of unknown length must frame itself: only an uncompressed one does.
+            self.task.warning("replication to SRs: the XVA is exported uncompressed")
+            compression = "none"
+        if self.settings["deleteFirst"]:
+            self.replication.rotate_dr(reserve=1)
         try:
             self.export_xva(snapshot, stamp, timestamp_ms, compression)
             if not self.settings["deleteFirst"]:
                 self.apply_retention("full")
+                self.replication.rotate_dr()
         finally:
             if must_snapshot:
                 self.rotate_snapshots(keep=self.settings["snapshotRetention"], newest=snapshot)
@@ -571,9 +583,11 @@ class _VmBackup:
                 )
 
             def dropped(t: Target) -> None:
-                self.drop_target(t.name, t.error or RuntimeError("failed"), "transfer")
+                if "sr" not in t.data:
+                    self.drop_target(t.name, t.error or RuntimeError("failed"), "transfer")
 
-            fanout = Fanout(fan_targets, dropped)
+            sr_fan_targets = self.replication.dr_fan_targets()
+            fanout = Fanout(fan_targets + sr_fan_targets, dropped)
 
             def on_chunk(size: int) -> None:
                 self.check()
@@ -586,8 +600,10 @@ class _VmBackup:
                 fanout.abort(error)
                 message = f"export of {self.vm.name} failed: {describe_error(error)}"
                 self._fail_tasks(tasks, message)
+                self.replication.finish_dr(sr_fan_targets, timestamp_ms, stamp)
                 raise XobackupError(message) from error
             fanout.finish()
+        replicated = self.replication.finish_dr(sr_fan_targets, timestamp_ms, stamp)
         for fan_target in fan_targets:
             handle = tasks[fan_target.name]
             if fan_target.error is not None:
@@ -606,7 +622,7 @@ class _VmBackup:
             except RemoteError as error:
                 handle.fail(describe_error(error))
                 self.drop_target(target.key, error, "metadata")
-        if not any(t.error is None for t in fan_targets) and fan_targets:
+        if not replicated and not any(t.error is None for t in fan_targets):
             raise XobackupError("all targets have failed")
 
     @staticmethod

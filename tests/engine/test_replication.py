@@ -1,0 +1,170 @@
+"""Replication to SRs of another pool: disaster recovery and continuous replication, checked
+bit for bit against the source snapshots, on a two-pool simulator."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from xobackup_hypervisor_xcpng.sim import Simulator
+
+from tests.engine.conftest import Harness
+from xobackup_core.builtin.selector import is_excluded
+from xobackup_core.engine.replication import (
+    DR_TAG,
+    HA_DISABLED_TAG,
+    START_BLOCKED,
+)
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def two_pools(tmp_path):
+    with Simulator(pools=2, vms=2, hosts=1, disk_size=32 * MiB, data_dir=tmp_path / "sim") as sim:
+        yield Harness(tmp_path, sim)
+
+
+class Pools:
+    """Drivers on both pools, the VM under test and the target SR."""
+
+    def __init__(self, harness):
+        config = harness.config({})
+        self.harness = harness
+        self.sim = harness.sim
+        self.source = harness.plugins.hypervisor(config.server_view("pool0"))
+        self.target = harness.plugins.hypervisor(config.server_view("pool1"))
+        self.vm = next(
+            v
+            for v in self.source.inventory().vms
+            if not v.is_snapshot and v.power_state == "Running"
+        )
+        pool = self.target.inventory().pools[0]
+        self.sr = next(sr for sr in pool.srs if sr.name == "Shared storage")
+
+    def close(self):
+        self.source.close()
+        self.target.close()
+
+    def content(self, vdi):
+        return self.sim.read(vdi, 0, self.sim.vdi_data(vdi).size)
+
+    def replicas(self, tag, job_id):
+        return sorted(
+            (
+                v
+                for v in self.target.inventory().vms
+                if not v.is_snapshot
+                and tag in v.tags
+                and v.other_config.get("xo:backup:job") == job_id
+            ),
+            key=lambda v: v.other_config["xo:backup:datetime"],
+        )
+
+    def job_snapshots(self):
+        return sorted(
+            (
+                v
+                for v in self.source.inventory().vms
+                if v.is_snapshot and v.snapshot_of == self.vm.uuid
+            ),
+            key=lambda v: v.other_config.get("xo:backup:datetime", ""),
+        )
+
+
+class Overlap:
+    """Samples the pools' in-flight counters: did a VM export and an import run together?"""
+
+    def __init__(self, sim):
+        self.sim = sim
+        self.seen = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            exporting = self.sim.pool(0).in_flight.current["vm_export"]
+            importing = self.sim.pool(1).in_flight.current["vm_import"]
+            self.seen = self.seen or (exporting > 0 and importing > 0)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def pools(two_pools):
+    p = Pools(two_pools)
+    yield p
+    p.close()
+
+
+def job_id(harness, config, key):
+    return str(config.job_view(key)["id"])
+
+
+def assert_protected(replica, pools, job, tag):
+    assert tag in replica.tags
+    assert replica.blocked_operations.get("start") == START_BLOCKED
+    assert replica.blocked_operations.get("start_on") == START_BLOCKED
+    oc = replica.other_config
+    assert oc["xo:backup:job"] == job
+    assert oc["xo:backup:vm"] == pools.vm.uuid
+    assert oc["xo:backup:sr"] == pools.sr.uuid
+    assert oc["xo:backup:datetime"]
+    assert "xo:backup:schedule" in oc
+    # the source VM has HA "restart": the replica must not restart on its own
+    assert replica.ha_restart_priority == ""
+    assert HA_DISABLED_TAG in replica.tags
+    assert is_excluded(replica, job)
+
+
+def test_disaster_recovery_one_pass_and_rotation(pools):
+    harness, sim = pools.harness, pools.sim
+    assert pools.vm.ha_restart_priority == "restart"
+    config = harness.config(
+        {
+            "dr": {
+                "mode": "full",
+                "remotes": ["nas"],
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "compression": "zstd",
+                "settings": {"copyRetention": 2, "exportRetention": 5},
+            }
+        }
+    )
+    job = job_id(harness, config, "dr")
+    vdi = pools.vm.disks[0].vdi_uuid
+    expected = []
+    for run in range(3):
+        sim.randomize_blocks(vdi, 0.2, seed=run)
+        expected.append(pools.content(vdi))
+        if run == 0:
+            # slowed down, so that a sampler sees export and import in flight together
+            sim.arm("/export", "throttle", rate=8 * MiB, times=None)
+            with Overlap(sim) as overlap:
+                outcome = harness.run(config, "dr")
+            sim.faults.clear()
+            # one pass: the import was running while the export was, the XVA was never
+            # stored in between
+            assert overlap.seen
+        else:
+            outcome = harness.run(config, "dr")
+        assert outcome.status == "success"
+    replicas = pools.replicas(DR_TAG, job)
+    assert len(replicas) == 2  # copyRetention
+    for replica, want in zip(replicas, expected[1:], strict=True):
+        assert_protected(replica, pools, job, DR_TAG)
+        assert replica.name.startswith(f"{pools.vm.name} - dr - (")
+        assert replica.power_state == "Halted"
+        [disk] = replica.disks
+        assert disk.sr_uuid == pools.sr.uuid
+        assert pools.content(disk.vdi_uuid) == want
+    # the remote got its XVAs from the same export (3 kept by exportRetention)
+    xvas = list(harness.remote_dir.rglob("*.xva"))
+    assert len(xvas) == 3

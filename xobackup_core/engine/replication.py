@@ -1,0 +1,449 @@
+"""Replication of VMs to SRs: disaster recovery (full) and continuous replication (delta).
+
+Xen Orchestra's semantics (reference: xo-backups.md §1.3, §1.4, §6, §7):
+
+* **Disaster recovery** (mode ``full`` with ``srs``): the XVA export that feeds the remotes also
+  streams, in the same pass, into an import on each SR (no temporary file). Each run makes a
+  new replica named ``<vm> - <job> - (<YYYYMMDDTHHmmssZ>)``, tagged ``Disaster Recovery``;
+  ``copyRetention`` keeps the newest replicas of the (job, schedule, VM, SR).
+* **Continuous replication** (mode ``delta`` with ``srs``): one replica VM per (job, VM, SR),
+  tagged ``Continuous Replication``. The first run imports the full disks into new VDIs and
+  creates the VM from the snapshot's records; later runs import only the delta export into the
+  replica's VDIs. After every transfer the replica is snapshotted: those snapshots are the
+  retention entries (``copyRetention``). A replica that was started or changed since the last
+  run is left alone and a new one is made (the reason is logged).
+* **RAM** (``checkpointSnapshot``): the checkpoint's memory image is replicated too and the
+  replica is created Suspended (XCP-ng only), after checking that a host of the target pool
+  has a CPU able to resume it. A Suspended replica cannot get a new memory image in place, so
+  each run with memory makes a new replica from full disks.
+
+Every replica has ``start``/``start_on`` blocked, the ``xo:backup:*`` keys of its job in
+``other_config`` (so the job never selects it), and its HA restart priority cleared (tag
+``HA disabled``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from xobackup_core.engine.restore import IteratorReader, check_cpu
+from xobackup_core.engine.streams import Target, describe_error
+from xobackup_core.errors import XobackupError
+from xobackup_core.formats.vhd_structs import build_footer, full_bitmap
+from xobackup_core.formats.vhd_writer import VhdStreamLayout
+from xobackup_core.hypervisor import HypervisorDriver, Pool, StorageRepository, Vm
+
+START_BLOCKED = "Start operation for this vm is blocked, clone it if you want to use it."
+DR_TAG = "Disaster Recovery"
+CR_TAG = "Continuous Replication"
+HA_DISABLED_TAG = "HA disabled"
+REPLICATED_KEY = "xo:backup:replicated"
+"""On a CR replica: the source snapshot whose content its disks hold (the delta marker)."""
+
+QUEUE_CHUNKS = 4
+_DONE = object()
+_ABORT = object()
+
+
+@dataclass
+class SrTarget:
+    """An SR the run replicates to, with the driver of its pool."""
+
+    sr: StorageRepository
+    pool: Pool
+    driver: HypervisorDriver
+    error: BaseException | None = None
+
+    @property
+    def key(self) -> str:
+        return self.sr.uuid
+
+    @property
+    def label(self) -> str:
+        return f"SR {self.sr.name} ({self.sr.uuid})"
+
+
+def replica_keys(
+    job_id: str, schedule_id: str, vm_uuid: str, sr_uuid: str, datetime: str
+) -> dict[str, str | None]:
+    """The ``other_config`` keys a replica carries (xo-backups.md §7.4)."""
+    return {
+        "xo:backup:job": job_id,
+        "xo:backup:schedule": schedule_id,
+        "xo:backup:vm": vm_uuid,
+        "xo:backup:datetime": datetime,
+        "xo:backup:sr": sr_uuid,
+    }
+
+
+def protect_replica(
+    driver: HypervisorDriver,
+    vm_uuid: str,
+    *,
+    name: str | None,
+    tag: str,
+    other_config: Mapping[str, str | None],
+) -> bool:
+    """Name, tag and mark a replica, block its start, and clear its HA restart priority.
+
+    Returns True when HA had to be disabled.
+    """
+    current = _vm(driver, vm_uuid)
+    ha_on = bool(current.ha_restart_priority) if current is not None else False
+    tags: tuple[str, ...] = (tag, HA_DISABLED_TAG) if ha_on else (tag,)
+    driver.update_vm(
+        vm_uuid,
+        name=name,
+        add_tags=tags,
+        other_config=other_config,
+        blocked_operations={"start": START_BLOCKED, "start_on": START_BLOCKED},
+        ha_restart_priority="" if ha_on else None,
+    )
+    return ha_on
+
+
+def _vm(driver: HypervisorDriver, vm_uuid: str) -> Vm | None:
+    try:
+        return driver.inventory().vm(vm_uuid)
+    except KeyError:
+        return None
+
+
+def is_protected(vm: Vm) -> bool:
+    """A replica still under the job's control: its start is blocked (XO drops the others)."""
+    return "start" in vm.blocked_operations
+
+
+def dr_replicas(
+    inventory_vms: Sequence[Vm], job_id: str, schedule_id: str, vm_uuid: str, sr_uuid: str
+) -> list[Vm]:
+    """DR replicas of (job, schedule, VM, SR), oldest first (by ``xo:backup:datetime``)."""
+    found = [
+        v
+        for v in inventory_vms
+        if not v.is_snapshot
+        and DR_TAG in v.tags
+        and is_protected(v)
+        and v.other_config.get("xo:backup:job") == job_id
+        and v.other_config.get("xo:backup:schedule", "") == schedule_id
+        and v.other_config.get("xo:backup:vm") == vm_uuid
+        and v.other_config.get("xo:backup:sr") == sr_uuid
+    ]
+    return sorted(found, key=lambda v: (v.other_config.get("xo:backup:datetime", ""), v.uuid))
+
+
+def doomed_replicas(replicas: Sequence[Vm], keep: int) -> list[Vm]:
+    """The oldest replicas beyond the newest ``keep``."""
+    return list(replicas[: max(len(replicas) - keep, 0)])
+
+
+def check_memory_target(vm: Vm, snapshot: Vm, target: SrTarget) -> None:
+    """Refuse RAM replication a target pool could never resume (XAPI's resume check)."""
+    if target.pool.flavour != "xcp-ng":
+        raise XobackupError(
+            f"replication with memory to {target.label} is not possible: pool "
+            f"{target.pool.name} is {target.pool.flavour}, and only XCP-ng can create a "
+            "Suspended VM; replicate without memory (checkpointSnapshot false) or to an XCP-ng pool"
+        )
+    flags = snapshot.last_boot_cpu_flags or vm.last_boot_cpu_flags
+    if not target.pool.hosts:
+        raise XobackupError(f"pool {target.pool.name} has no host to resume the replica")
+    verdicts = [(h, check_cpu(flags, h.cpu)) for h in target.pool.hosts]
+    if any(v.compatible for _, v in verdicts):
+        return
+    host, verdict = verdicts[0]
+    vm_cpu = flags.get("vendor", "unknown vendor")
+    host_cpu = host.cpu.model_name or host.cpu.vendor
+    host_features = host.cpu.features_hvm or host.cpu.features
+    raise XobackupError(
+        f"no host of pool {target.pool.name} can resume the replica of {vm.name} with its "
+        f"memory: the VM runs on a {vm_cpu} CPU (features {flags.get('features', '')}), "
+        f"host {host.name} has a {host_cpu} CPU (features {host_features}): {verdict.reason}"
+    )
+
+
+class UploadPipe:
+    """Chunks pushed by the export's thread, read by an upload running in its own thread.
+
+    A bounded queue: memory stays at a few chunks whatever the size of the transfer.
+    """
+
+    def __init__(self, name: str, depth: int = QUEUE_CHUNKS) -> None:
+        self.name = name
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def chunks(self) -> Iterator[bytes]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if item is _ABORT:
+                raise XobackupError(f"{self.name}: the export was aborted")
+            yield item
+
+    def reader(self) -> IteratorReader:
+        return IteratorReader(self.chunks())
+
+    def start(self, upload: Any) -> None:
+        """Run ``upload()`` (which reads :meth:`reader`) in a thread."""
+
+        def run() -> None:
+            try:
+                self.result = upload()
+            except BaseException as error:
+                self.error = error
+                while True:  # unblock a producer waiting on a full queue
+                    try:
+                        self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+
+        self._thread = threading.Thread(target=run, name=f"upload-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if self._thread is not None and not self._thread.is_alive():
+                    raise self.error or XobackupError(f"{self.name}: the upload stopped") from None
+
+    def push(self, chunk: bytes | memoryview) -> None:
+        # A copy: the producer may reuse its buffer once this returns.
+        self._put(bytes(chunk))
+
+    def finish(self) -> Any:
+        """End the stream and wait for the upload's result."""
+        self._put(_DONE)
+        assert self._thread is not None
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def abort(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            return
+        try:
+            self._queue.put(_ABORT, timeout=5)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=120)
+
+
+class VhdUploadSink:
+    """A disk export written as one VHD stream into a VDI import (the CR twin of a
+    :class:`~xobackup_core.engine.disk_sinks.VhdFileSink`)."""
+
+    def __init__(self, driver: HypervisorDriver, vdi_uuid: str, layout: VhdStreamLayout) -> None:
+        self.vdi_uuid = vdi_uuid
+        self.layout = layout
+        self.path = vdi_uuid
+        self._bitmap = full_bitmap(layout.header.block_size)
+        self._pipe = UploadPipe(f"import into VDI {vdi_uuid}")
+        reader = self._pipe.reader()
+        self._pipe.start(
+            lambda: driver.import_disk(
+                vdi_uuid,
+                reader,  # type: ignore[arg-type]
+                format="vhd",
+                size=layout.stream_size,
+            )
+        )
+        self._pipe.push(layout.metadata)
+
+    @property
+    def size(self) -> int:
+        return self.layout.stream_size
+
+    def put(self, index: int, data: bytes | memoryview) -> None:
+        self._pipe.push(self._bitmap)
+        self._pipe.push(data)
+
+    def finish(self) -> None:
+        self._pipe.push(build_footer(self.layout.footer))
+        self._pipe.finish()
+
+    def abort(self) -> None:
+        self._pipe.abort()
+
+
+@dataclass
+class CrDisk:
+    """Where one source disk goes on one SR in this run."""
+
+    live_vdi: str
+    replica_vdi: str
+    created: bool
+    is_memory: bool = False
+
+
+@dataclass
+class CrPlan:
+    """What a CR run does on one SR: update ``replica`` in place, or make a new one."""
+
+    target: SrTarget
+    replica: Vm | None
+    disks: dict[str, CrDisk] = field(default_factory=dict)
+    """By live VDI UUID (the suspend VDI's own UUID for the memory image)."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def open_sr_targets(
+    sr_uuids: Sequence[str],
+    inventories: Mapping[str, Any],
+    driver_of: Any,
+    warn: Any,
+) -> list[SrTarget]:
+    """The job's SRs found in the configured servers' inventories; unknown ones are warned
+    about and skipped."""
+    targets = []
+    for sr_uuid in sr_uuids:
+        found = None
+        for server, inventory in inventories.items():
+            for pool in inventory.pools:
+                for sr in pool.srs:
+                    if sr.uuid == sr_uuid:
+                        found = SrTarget(sr, pool, driver_of(server))
+        if found is None:
+            warn(f"SR {sr_uuid} is in none of the configured servers: not replicated to")
+            continue
+        targets.append(found)
+    return targets
+
+
+class Replication:
+    """The SR side of one VM's backup in one run (``backup`` is the engine's VM backup)."""
+
+    def __init__(self, backup: Any, targets: Sequence[SrTarget]) -> None:
+        self.backup = backup
+        self.targets = list(targets)
+        self.dropped: list[str] = []
+        self.plans: dict[str, CrPlan] = {}
+
+    # -- common ------------------------------------------------------------------------------
+    @property
+    def live(self) -> list[SrTarget]:
+        return [t for t in self.targets if t.error is None]
+
+    def drop(self, target: SrTarget, error: BaseException, step: str) -> None:
+        if target.error is None:
+            target.error = error
+        if target.key in self.dropped:
+            return
+        self.dropped.append(target.key)
+        self.backup.task.warning(
+            f"replication to {target.label} failed during {step}: {describe_error(error)}",
+            {"sr": target.key},
+        )
+
+    def keys(self, target: SrTarget, datetime: str) -> dict[str, str | None]:
+        b = self.backup
+        return replica_keys(b.job_id, b.schedule_id, b.vm.uuid, target.key, datetime)
+
+    def task(self, target: SrTarget, is_full: bool, **extra: Any) -> Any:
+        b = self.backup
+        return b.recorder.task(
+            "export",
+            {"type": "SR", "id": target.key, "isFull": is_full, **extra},
+            parent=b.task,
+        )
+
+    @property
+    def copy_retention(self) -> int:
+        return int(self.backup.settings["copyRetention"] or 0)
+
+    def check_memory(self, snapshot: Vm) -> None:
+        """Before any transfer: each SR's pool must be able to resume a memory replica."""
+        if not snapshot.suspend_vdi_uuid:
+            return
+        for target in self.live:
+            check_memory_target(self.backup.vm, snapshot, target)
+
+    # -- disaster recovery -------------------------------------------------------------------
+    def dr_fan_targets(self) -> list[Any]:
+        """One fan-out target per SR: the XVA chunks go straight into ``import_vm``."""
+        fan_targets = []
+        for target in self.live:
+            handle = self.task(target, True)
+            pipe = UploadPipe(f"import onto {target.label}")
+            reader = pipe.reader()
+            try:
+                pipe.start(
+                    lambda t=target, r=reader: t.driver.import_vm(r, sr_uuid=t.sr.uuid, size=None)
+                )
+            except Exception as error:  # pragma: no cover - thread start failure
+                handle.fail(describe_error(error))
+                self.drop(target, error, "transfer")
+                continue
+            fan_targets.append(
+                Target(
+                    f"sr:{target.key}",
+                    pipe.push,
+                    lambda p=pipe: p.finish(),
+                    pipe.abort,
+                    data={"sr": target, "pipe": pipe, "task": handle},
+                )
+            )
+        return fan_targets
+
+    def finish_dr(self, fan_targets: Sequence[Any], timestamp_ms: int, stamp: str) -> int:
+        """Mark each imported replica, then rotate; returns how many SRs succeeded."""
+        from xobackup_core.engine.runner import other_config_datetime
+
+        b = self.backup
+        ok = 0
+        for fan_target in fan_targets:
+            target: SrTarget = fan_target.data["sr"]
+            handle = fan_target.data["task"]
+            if fan_target.error is not None:
+                handle.fail(describe_error(fan_target.error))
+                self.drop(target, fan_target.error, "transfer")
+                continue
+            replica = fan_target.data["pipe"].result
+            try:
+                ha = protect_replica(
+                    target.driver,
+                    replica,
+                    name=f"{b.vm.name} - {b.job['name']} - ({stamp})",
+                    tag=DR_TAG,
+                    other_config=self.keys(target, other_config_datetime(timestamp_ms)),
+                )
+                if ha:
+                    handle.info("HA restart priority cleared on the replica")
+                handle.finish(size=fan_target.written, id=replica)
+                ok += 1
+            except XobackupError as error:
+                handle.fail(describe_error(error))
+                self.drop(target, error, "marking the replica")
+                try:
+                    target.driver.destroy_vm(replica)
+                except XobackupError:
+                    pass
+        return ok
+
+    def rotate_dr(self, reserve: int = 0) -> None:
+        """Destroy the oldest DR replicas beyond ``copyRetention`` (minus ``reserve``)."""
+        b = self.backup
+        keep = max(self.copy_retention - reserve, 0)
+        for target in self.live:
+            try:
+                vms = target.driver.inventory().vms
+                doomed = doomed_replicas(
+                    dr_replicas(vms, b.job_id, b.schedule_id, b.vm.uuid, target.key), keep
+                )
+                for replica in doomed:
+                    target.driver.destroy_vm(replica.uuid)
+            except XobackupError as error:
+                b.task.warning(f"rotating the replicas on {target.label} failed: {error}")
