@@ -128,3 +128,10 @@ def test_remote_test_names_failing_step(cli, tmp_path):
         subprocess.run(["umount", str(target)], check=True)
     assert result.returncode == ExitCode.FAILURE
     assert "write failed" in result.stderr and "No space left" in result.stderr
+
+
+def test_remote_test_never_prints_a_password_from_the_url(cli, tmp_path):
+    result = cli("remote", "test", "sftp://user:hunter2-secret@127.0.0.1:1/x", "--size", "1")
+    assert result.returncode != 0
+    assert "hunter2-secret" not in result.stdout + result.stderr
+    assert "***" in result.stdout + result.stderr

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from xobackup_core.config import Config, load_config
+from xobackup_core.config import Config, load_config, redact_url
 from xobackup_core.errors import UsageError
 from xobackup_core.plugins import Plugins
 from xobackup_core.remote import Remote
@@ -47,7 +47,7 @@ class AppContext:
     def open_remote(self, name_or_url: str) -> Remote:
         """A remote by its config name, or directly by URL (``file:///tmp/x``)."""
         if "://" in name_or_url:
-            return self.plugins.remote(name_or_url, {"name": name_or_url})
+            return self.plugins.remote(name_or_url, {"name": redact_url(name_or_url)})
         remotes = self.config.remotes
         if name_or_url not in remotes:
             known = ", ".join(sorted(remotes)) or "none defined"
