@@ -11,6 +11,7 @@ from xobackup_hypervisor_xcpng.sim import Simulator
 from tests.engine.conftest import Harness
 from xobackup_core.builtin.selector import is_excluded
 from xobackup_core.engine.replication import (
+    CR_TAG,
     DR_TAG,
     HA_DISABLED_TAG,
     START_BLOCKED,
@@ -168,3 +169,98 @@ def test_disaster_recovery_one_pass_and_rotation(pools):
     # the remote got its XVAs from the same export (3 kept by exportRetention)
     xvas = list(harness.remote_dir.rglob("*.xva"))
     assert len(xvas) == 3
+
+
+def export_sizes(harness, run_id):
+    """Bytes sent to SRs by each disk transfer of a run (from its task log)."""
+    sizes = []
+
+    def walk(task):
+        data = task.get("data") or {}
+        if task.get("name") == "export" and data.get("type") == "SR":
+            sizes.append((data.get("isFull"), task.get("size")))
+        for child in task.get("tasks") or []:
+            walk(child)
+
+    for task in harness.store.get_run(run_id).to_dict().get("tasks") or []:
+        walk(task)
+    return sizes
+
+
+def test_continuous_replication_deltas_and_rotation(pools):
+    harness, sim = pools.harness, pools.sim
+    config = harness.config(
+        {
+            "cr": {
+                "mode": "delta",
+                "remotes": ["nas"],
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "settings": {"copyRetention": 2, "exportRetention": 5},
+            }
+        }
+    )
+    job = job_id(harness, config, "cr")
+    vdi = pools.vm.disks[0].vdi_uuid
+    first = harness.run(config, "cr")
+    assert first.status == "success"
+    [replica] = pools.replicas(CR_TAG, job)
+    assert_protected(replica, pools, job, CR_TAG)
+    assert replica.power_state == "Halted"
+    [snapshot] = pools.job_snapshots()
+    [disk] = replica.disks
+    assert disk.sr_uuid == pools.sr.uuid
+    assert pools.content(disk.vdi_uuid) == pools.content(snapshot.disks[0].vdi_uuid)
+    [(is_full, full_size)] = export_sizes(harness, first.run_id)
+    assert is_full and full_size > 4 * MiB
+
+    for run in range(3):
+        changed = sim.randomize_blocks(vdi, 0.1, seed=10 + run)
+        outcome = harness.run(config, "cr")
+        assert outcome.status == "success"
+        [again] = pools.replicas(CR_TAG, job)
+        assert again.uuid == replica.uuid  # updated in place
+        snapshot = pools.job_snapshots()[-1]
+        [disk] = again.disks
+        assert pools.content(disk.vdi_uuid) == pools.content(snapshot.disks[0].vdi_uuid)
+        [(is_full, size)] = export_sizes(harness, outcome.run_id)
+        # only the changed 2 MiB blocks travelled (plus the VHD's own structures)
+        assert not is_full
+        assert len(set(changed)) * 2 * MiB <= size < (len(set(changed)) + 1) * 2 * MiB
+    replica_snapshots = [
+        v for v in pools.target.inventory().vms if v.is_snapshot and v.snapshot_of == replica.uuid
+    ]
+    assert len(replica_snapshots) == 2  # copyRetention
+
+
+def test_a_started_replica_is_never_overwritten(pools):
+    harness, sim = pools.harness, pools.sim
+    config = harness.config(
+        {"cr": {"mode": "delta", "srs": [pools.sr.uuid], "vms": [pools.vm.uuid]}}
+    )
+    job = job_id(harness, config, "cr")
+    assert harness.run(config, "cr").status == "success"
+    [replica] = pools.replicas(CR_TAG, job)
+    before = pools.content(replica.disks[0].vdi_uuid)
+    # someone writes into the replica's disk (as a started clone would)
+    sim.write(replica.disks[0].vdi_uuid, 0, b"\xa5" * 4096)
+    mine = pools.content(replica.disks[0].vdi_uuid)
+    assert mine != before
+    outcome = harness.run(config, "cr")
+    assert outcome.status == "success"
+    replicas = pools.replicas(CR_TAG, job)
+    assert len(replicas) == 2
+    assert pools.content(replica.disks[0].vdi_uuid) == mine  # left alone
+    newest = replicas[-1]
+    snapshot = pools.job_snapshots()[-1]
+    assert pools.content(newest.disks[0].vdi_uuid) == pools.content(snapshot.disks[0].vdi_uuid)
+    run = harness.store.get_run(outcome.run_id).to_dict()
+    assert "changed since the last replication" in str(run)
+    # the job's smart mode never picks its replicas (they live on pool1, a server of the job)
+    smart = harness.config(
+        {"cr": {"mode": "delta", "srs": [pools.sr.uuid], "smart": {"power_state": "Halted"}}}
+    )
+    outcome = harness.run(smart, "cr")
+    selected = set(outcome.vm_status)
+    assert selected
+    assert not selected & {r.uuid for r in replicas}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import uuid as uuidlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +34,10 @@ from typing import Any
 from xobackup_core.engine.restore import IteratorReader, check_cpu
 from xobackup_core.engine.streams import Target, describe_error
 from xobackup_core.errors import XobackupError
+from xobackup_core.formats.vhd_stream import VhdStreamReader
 from xobackup_core.formats.vhd_structs import build_footer, full_bitmap
-from xobackup_core.formats.vhd_writer import VhdStreamLayout
-from xobackup_core.hypervisor import HypervisorDriver, Pool, StorageRepository, Vm
+from xobackup_core.formats.vhd_writer import ParentLink, VhdStreamLayout, plan_vhd_stream
+from xobackup_core.hypervisor import Disk, HypervisorDriver, Pool, StorageRepository, Vm
 
 START_BLOCKED = "Start operation for this vm is blocked, clone it if you want to use it."
 DR_TAG = "Disaster Recovery"
@@ -364,12 +366,10 @@ class Replication:
     def copy_retention(self) -> int:
         return int(self.backup.settings["copyRetention"] or 0)
 
-    def check_memory(self, snapshot: Vm) -> None:
+    def check_memory(self) -> None:
         """Before any transfer: each SR's pool must be able to resume a memory replica."""
-        if not snapshot.suspend_vdi_uuid:
-            return
         for target in self.live:
-            check_memory_target(self.backup.vm, snapshot, target)
+            check_memory_target(self.backup.vm, self.backup.vm, target)
 
     # -- disaster recovery -------------------------------------------------------------------
     def dr_fan_targets(self) -> list[Any]:
@@ -447,3 +447,301 @@ class Replication:
                     target.driver.destroy_vm(replica.uuid)
             except XobackupError as error:
                 b.task.warning(f"rotating the replicas on {target.label} failed: {error}")
+
+    # -- continuous replication --------------------------------------------------------------
+    def cr_replicas(self, target: SrTarget, vms: Sequence[Vm]) -> list[Vm]:
+        """This job's CR replicas of the VM on ``target`` still under its control, oldest
+        first."""
+        b = self.backup
+        found = [
+            v
+            for v in vms
+            if not v.is_snapshot
+            and CR_TAG in v.tags
+            and v.other_config.get("xo:backup:job") == b.job_id
+            and v.other_config.get("xo:backup:vm") == b.vm.uuid
+            and v.other_config.get("xo:backup:sr") == target.key
+        ]
+        return sorted(found, key=lambda v: (v.other_config.get("xo:backup:datetime", ""), v.uuid))
+
+    def plan_cr(
+        self, base: Vm | None, reason: str, disks: Sequence[Disk], memory: bool
+    ) -> tuple[Vm | None, str]:
+        """Before the snapshot: decide per SR whether the replica is updated in place.
+
+        Returns the base to use: None (full for every target) when a replica cannot take a
+        delta against ``base``.
+        """
+        if not self.live:
+            return base, reason
+        if memory:
+            self.check_memory()
+        for target in self.live:
+            replica = None
+            why = ""
+            try:
+                replica, why = self.find_cr_replica(target, base, disks, memory)
+            except XobackupError as error:
+                why = f"its replica could not be checked: {error}"
+            plan = CrPlan(target, replica)
+            if replica is not None:
+                by_device = {d.device: d for d in replica.disks}
+                for disk in disks:
+                    plan.disks[disk.vdi_uuid] = CrDisk(
+                        disk.vdi_uuid, by_device[disk.device].vdi_uuid, created=False
+                    )
+            self.plans[target.key] = plan
+            if base is not None and replica is None:
+                reason = f"{target.label}: {why}"
+                base = None
+        if base is None:
+            for plan in self.plans.values():
+                plan.replica = None
+                plan.disks.clear()
+        return base, reason
+
+    def find_cr_replica(
+        self, target: SrTarget, base: Vm | None, disks: Sequence[Disk], memory: bool
+    ) -> tuple[Vm | None, str]:
+        """The replica a delta against ``base`` can update in place, or None and why."""
+        replicas = [r for r in self.cr_replicas(target, target.driver.inventory().vms)]
+        if not replicas:
+            return None, "no replica there yet"
+        replicas = [r for r in replicas if REPLICATED_KEY in r.other_config]
+        if not replicas:
+            return None, "every replica there was released (started or changed)"
+        replica = replicas[-1]
+        if not is_protected(replica):
+            self.release(target, replica)
+            self.backup.task.warning(
+                f"replica {replica.name} on {target.label} can be started (its start is no "
+                "longer blocked): it is left alone and a new replica is made"
+            )
+            return None, "the replica's start was unblocked"
+        if replica.power_state not in ("Halted", "Suspended"):
+            self.release(target, replica)
+            self.backup.task.warning(
+                f"replica {replica.name} on {target.label} is {replica.power_state}: it is left "
+                "alone and a new replica is made"
+            )
+            return None, f"the replica is {replica.power_state}"
+        if memory or replica.suspend_vdi_uuid:
+            return None, "a replica with memory is made anew from full disks"
+        if base is None:
+            return None, "no base"
+        if replica.other_config.get(REPLICATED_KEY) != base.uuid:
+            self.release(target, replica)
+            self.backup.task.warning(
+                f"replica {replica.name} on {target.label} does not hold the last replicated "
+                "state: a new replica is made"
+            )
+            return None, "the replica does not hold the base"
+        by_device = {d.device: d for d in replica.disks}
+        for disk in disks:
+            twin = by_device.get(disk.device)
+            if twin is None or twin.virtual_size != disk.virtual_size:
+                self.backup.task.warning(
+                    f"replica {replica.name} on {target.label} has no disk matching "
+                    f"{disk.name}: a new replica is made"
+                )
+                return None, f"the replica lacks disk {disk.name}"
+        if self.replica_changed(target, replica):
+            self.release(target, replica)
+            self.backup.task.warning(
+                f"the disks of replica {replica.name} on {target.label} changed since the last "
+                "replication: it is left alone and a new replica is made"
+            )
+            return None, "the replica's disks changed"
+        return replica, ""
+
+    def release(self, target: SrTarget, replica: Vm) -> None:
+        """A replica someone started or changed leaves the job's rotation: it is never
+        updated nor destroyed by the job again (its marker goes)."""
+        if REPLICATED_KEY in replica.other_config:
+            target.driver.update_vm(replica.uuid, other_config={REPLICATED_KEY: None})
+
+    def replica_changed(self, target: SrTarget, replica: Vm) -> bool:
+        """Did a disk of the replica change since its last snapshot (taken right after the
+        last transfer)? A delta export of each disk against its snapshot must be empty."""
+        snapshots = sorted(
+            (v for v in target.driver.inventory().vms if v.snapshot_of == replica.uuid),
+            key=lambda v: (v.other_config.get("xo:backup:datetime", ""), v.uuid),
+        )
+        if not snapshots:
+            return True
+        taken = {d.snapshot_of: d for d in snapshots[-1].disks}
+        for disk in replica.disks:
+            twin = taken.get(disk.vdi_uuid)
+            if twin is None:
+                return True
+            with target.driver.export_disk(disk.vdi_uuid, base_vdi_uuid=twin.vdi_uuid) as stream:
+                if VhdStreamReader(stream, name=f"changes of {disk.name}").allocated:
+                    return True
+        return False
+
+    def cr_fan_targets(
+        self,
+        disk: Disk,
+        base_disk: Disk | None,
+        size: int,
+        allocated: Sequence[int],
+        is_memory: bool,
+    ) -> list[Target]:
+        """One fan-out target per SR for one disk export: the blocks go into a VDI import."""
+        fan_targets = []
+        for target in self.live:
+            plan = self.plans.get(target.key)
+            if plan is None:
+                continue
+            handle = self.task(target, base_disk is None, disk=disk.name)
+            try:
+                with plan.lock:
+                    entry = plan.disks.get(disk.vdi_uuid)
+                if entry is not None and base_disk is not None:
+                    layout = plan_vhd_stream(
+                        size,
+                        allocated,
+                        parent=ParentLink(
+                            uuid=uuidlib.UUID(base_disk.vdi_uuid), name=f"{base_disk.vdi_uuid}.vhd"
+                        ),
+                    )
+                else:
+                    vdi = target.driver.create_disk(
+                        sr_uuid=target.sr.uuid,
+                        name=disk.name,
+                        virtual_size=size,
+                        vdi_type="suspend" if is_memory else "user",
+                    )
+                    entry = CrDisk(disk.vdi_uuid, vdi, created=True, is_memory=is_memory)
+                    with plan.lock:
+                        plan.disks[disk.vdi_uuid] = entry
+                    layout = plan_vhd_stream(size, allocated)
+                sink = VhdUploadSink(target.driver, entry.replica_vdi, layout)
+            except Exception as error:
+                handle.fail(describe_error(error))
+                self.drop(target, error, "transfer")
+                continue
+            fan_targets.append(
+                Target(
+                    f"sr:{target.key}",
+                    lambda item, s=sink: s.put(*item),
+                    sink.finish,
+                    sink.abort,
+                    data={"sr": target, "sink": sink, "task": handle},
+                )
+            )
+        return fan_targets
+
+    def cr_transferred(self, fan_target: Target) -> None:
+        """Close the task of one disk transfer to one SR."""
+        target: SrTarget = fan_target.data["sr"]
+        handle = fan_target.data["task"]
+        if fan_target.error is None:
+            handle.finish(size=fan_target.data["sink"].size)
+        else:
+            handle.fail(describe_error(fan_target.error))
+            self.drop(target, fan_target.error, "transfer")
+
+    def finish_cr(self, snapshot: Vm, timestamp_ms: int, stamp: str) -> None:
+        """After the transfers: create or update each replica, snapshot it, rotate."""
+        from xobackup_core.engine.runner import other_config_datetime
+
+        b = self.backup
+        datetime = other_config_datetime(timestamp_ms)
+        for plan in list(self.plans.values()):
+            target = plan.target
+            if target.error is not None:
+                self.discard(plan)
+                continue
+            try:
+                replica = plan.replica.uuid if plan.replica else self.create(plan, snapshot)
+                keys = self.keys(target, datetime)
+                ha = protect_replica(
+                    target.driver,
+                    replica,
+                    name=f"{b.vm.name} - {b.job['name']}",
+                    tag=CR_TAG,
+                    other_config={**keys, REPLICATED_KEY: snapshot.uuid},
+                )
+                if ha:
+                    b.task.info(f"HA restart priority cleared on the replica on {target.label}")
+                taken = target.driver.snapshot(
+                    replica, f"{b.vm.name} - {b.job['name']} / {b.schedule_id} {stamp}"
+                )
+                target.driver.update_vm(taken.uuid, other_config=keys)
+            except XobackupError as error:
+                self.drop(target, error, "creating the replica")
+                self.discard(plan)
+                continue
+            self.rotate_cr(target, replica)
+
+    def create(self, plan: CrPlan, snapshot: Vm) -> str:
+        """A new replica VM from the snapshot's records, on the VDIs just written."""
+        b = self.backup
+        devices = b.driver.vm_devices(snapshot.uuid)
+        metadata: dict[str, Any] = {
+            "vmSnapshot": dict(snapshot.record) or {"name_label": snapshot.name},
+            **{k: dict(v) for k, v in devices.items()},
+        }
+        snap_of = {d.snapshot_of: d.vdi_uuid for d in snapshot.disks}
+        disks = {}
+        suspend = None
+        for live_vdi, entry in plan.disks.items():
+            if entry.is_memory:
+                suspend = entry.replica_vdi
+            else:
+                disks[snap_of.get(live_vdi, live_vdi)] = entry.replica_vdi
+        vm = plan.target.driver.create_vm(
+            metadata, sr_uuid=plan.target.sr.uuid, disks=disks, suspend_vdi_uuid=suspend
+        )
+        plan.replica = None
+        for entry in plan.disks.values():
+            entry.created = False  # the VM owns them now
+        return vm
+
+    def discard(self, plan: CrPlan) -> None:
+        """Destroy the VDIs a failed run created for a new replica."""
+        for entry in plan.disks.values():
+            if entry.created:
+                try:
+                    plan.target.driver.destroy_disk(entry.replica_vdi)
+                except XobackupError:
+                    pass  # the first error is the one reported
+                entry.created = False
+
+    def abort_cr(self) -> None:
+        for plan in self.plans.values():
+            self.discard(plan)
+
+    def rotate_cr(self, target: SrTarget, current: str) -> None:
+        """Keep the newest ``copyRetention`` replica snapshots of this schedule; replicas
+        superseded by a new one go once none of their snapshots is left."""
+        b = self.backup
+        try:
+            vms = target.driver.inventory().vms
+            replicas = {
+                r.uuid
+                for r in self.cr_replicas(target, vms)
+                if is_protected(r)
+                and REPLICATED_KEY in r.other_config
+                and r.power_state in ("Halted", "Suspended")
+            }
+            replicas.add(current)
+            entries = sorted(
+                (
+                    v
+                    for v in vms
+                    if v.is_snapshot
+                    and v.snapshot_of in replicas
+                    and v.other_config.get("xo:backup:schedule", "") == b.schedule_id
+                ),
+                key=lambda v: (v.other_config.get("xo:backup:datetime", ""), v.uuid),
+            )
+            doomed = doomed_replicas(entries, max(self.copy_retention, 1))
+            for snapshot in doomed:
+                target.driver.destroy_vm(snapshot.uuid)
+            kept = {v.snapshot_of for v in entries if v not in doomed}
+            for replica in replicas - kept - {current}:
+                target.driver.destroy_vm(replica)
+        except XobackupError as error:
+            b.task.warning(f"rotating the replicas on {target.label} failed: {error}")

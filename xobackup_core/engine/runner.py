@@ -686,6 +686,10 @@ class _VmBackup:
         for disk in skipped:
             self.task.info(f"disk {disk.name} is marked {NO_BACKUP_DISK_MARK}: not backed up")
         base, reason = self.select_base(live_disks)
+        memory = bool(self.settings["checkpointSnapshot"]) or "xo-memory-backup" in self.vm.tags
+        base, reason = self.replication.plan_cr(
+            base, reason, live_disks, memory and self.vm.power_state == "Running"
+        )
         if base is None:
             self.task.info(f"full backup: {reason}")
         if self.settings["deleteFirst"]:
@@ -706,6 +710,7 @@ class _VmBackup:
                 )
                 jobs.append((memory, None))
             sizes, paths = self.export_disks(snapshot, jobs, stamp)
+            self.replication.finish_cr(snapshot, timestamp_ms, stamp)
             for target in list(self.targets):
                 metadata = self.base_metadata(timestamp_ms, snapshot)
                 metadata.update(
@@ -716,9 +721,9 @@ class _VmBackup:
                     target.repository.write_metadata(self.vm.uuid, stamp, metadata)
                 except RemoteError as error:
                     self.drop_target(target.key, error, "metadata")
-            if not self.targets:
+            if not self.targets and not self.replication.live:
                 raise XobackupError("all targets have failed")
-            if not self.dropped:
+            if not self.dropped and not self.replication.dropped:
                 # Only a snapshot that every remote holds may be the next base (XO's rule).
                 chain_length = 0
                 if base is not None:
@@ -734,6 +739,7 @@ class _VmBackup:
             if not self.settings["deleteFirst"]:
                 self.apply_retention("delta")
         except BaseException:
+            self.replication.abort_cr()
             # A snapshot that was not exported must never become a base.
             self.driver.destroy_vm(snapshot.uuid)
             raise
@@ -888,8 +894,13 @@ class _VmBackup:
                 )
             )
 
+        fan_targets += self.replication.cr_fan_targets(
+            disk, base_disk, reader.size, allocated, disk.vdi_uuid == snap_disk.vdi_uuid
+        )
+
         def dropped(t: Target) -> None:
-            self.drop_target(t.name, t.error or RuntimeError("failed"), "transfer")
+            if "sr" not in t.data:
+                self.drop_target(t.name, t.error or RuntimeError("failed"), "transfer")
 
         fanout = Fanout(fan_targets, dropped)
         try:
@@ -903,10 +914,16 @@ class _VmBackup:
         except Exception as error:
             fanout.abort(error)
             self._fail_tasks(tasks, describe_error(error))
+            for fan_target in fan_targets:
+                if "sr" in fan_target.data:
+                    self.replication.cr_transferred(fan_target)
             raise
         results: dict[str, tuple[int, str]] = {}
         vm_folder = BackupRepository.vm_folder(self.vm.uuid)
         for fan_target in fan_targets:
+            if "sr" in fan_target.data:
+                self.replication.cr_transferred(fan_target)
+                continue
             handle = tasks[fan_target.name]
             if fan_target.error is None:
                 sink = fan_target.data["sink"]
@@ -914,7 +931,7 @@ class _VmBackup:
                 results[fan_target.name] = (sink.size, posixpath.relpath(sink.path, vm_folder))
             else:
                 handle.fail(describe_error(fan_target.error))
-        if not results:
+        if not results and not self.replication.live:
             raise XobackupError("all targets have failed")
         return results
 
