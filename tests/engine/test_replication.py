@@ -15,7 +15,11 @@ from xobackup_core.engine.replication import (
     DR_TAG,
     HA_DISABLED_TAG,
     START_BLOCKED,
+    SrTarget,
+    check_memory_target,
 )
+from xobackup_core.errors import XobackupError
+from xobackup_core.hypervisor import CpuInfo, Host, Pool, StorageRepository, Vm
 
 MiB = 1024 * 1024
 
@@ -264,3 +268,64 @@ def test_a_started_replica_is_never_overwritten(pools):
     selected = set(outcome.vm_status)
     assert selected
     assert not selected & {r.uuid for r in replicas}
+
+
+def resume(driver, vm_uuid):
+    driver.call("VM.resume", driver._ref("VM", vm_uuid), False, False)
+
+
+def test_memory_replication_makes_a_resumable_suspended_replica(pools):
+    harness, sim = pools.harness, pools.sim
+    config = harness.config(
+        {
+            "ram": {
+                "mode": "delta",
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "settings": {"checkpointSnapshot": True},
+            }
+        }
+    )
+    job = job_id(harness, config, "ram")
+    assert harness.run(config, "ram").status == "success"
+    [replica] = pools.replicas(CR_TAG, job)
+    [checkpoint] = pools.job_snapshots()
+    assert checkpoint.suspend_vdi_uuid
+    assert replica.power_state == "Suspended"
+    assert replica.suspend_vdi_uuid
+    assert pools.content(replica.suspend_vdi_uuid) == pools.content(checkpoint.suspend_vdi_uuid)
+    assert pools.content(replica.disks[0].vdi_uuid) == pools.content(checkpoint.disks[0].vdi_uuid)
+    [host] = pools.target.inventory().pools[0].hosts
+
+    # an AMD host cannot resume a VM suspended on Intel: XAPI (the simulator) refuses...
+    sim.set_host_cpu(host.uuid, "AuthenticAMD")
+    with pytest.raises(Exception, match="VM_INCOMPATIBLE_WITH_THIS_HOST"):
+        resume(pools.target, replica.uuid)
+    # ...and the engine refuses to replicate there before transferring anything
+    outcome = harness.run(config, "ram")
+    assert outcome.status == "failure"
+    text = str(harness.store.get_run(outcome.run_id).to_dict())
+    assert "GenuineIntel" in text and "AMD EPYC" in text
+    assert len(pools.replicas(CR_TAG, job)) == 1
+
+    # a host with the same vendor but fewer CPU features: refused too, naming what is missing
+    sim.set_host_cpu(host.uuid, "GenuineIntel", features="00000001-00000000")
+    outcome = harness.run(config, "ram")
+    assert outcome.status == "failure"
+    assert "lacks CPU features" in str(harness.store.get_run(outcome.run_id).to_dict())
+
+    # back on a compatible CPU, the replica resumes
+    sim.set_host_cpu(host.uuid, "GenuineIntel")
+    resume(pools.target, replica.uuid)
+    assert pools.target.inventory().vm(replica.uuid).power_state == "Running"
+
+
+def test_memory_replication_to_citrix_is_refused():
+    sr = StorageRepository("sr-1", "Shared storage", "pool-1")
+    host = Host("h1", "host 1", "pool-1", CpuInfo("GenuineIntel", features_hvm="ffffffff"))
+    citrix = Pool("pool-1", "ch", "citrix", hosts=(host,), srs=(sr,))
+    vm = Vm("vm-1", "web", "pool-0", "Running", last_boot_cpu_flags={"vendor": "GenuineIntel"})
+    with pytest.raises(XobackupError, match="only XCP-ng can create a Suspended VM"):
+        check_memory_target(vm, vm, SrTarget(sr, citrix, driver=None))
+    xcpng = Pool("pool-1", "xcp", "xcp-ng", hosts=(host,), srs=(sr,))
+    check_memory_target(vm, vm, SrTarget(sr, xcpng, driver=None))
