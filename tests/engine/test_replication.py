@@ -329,3 +329,66 @@ def test_memory_replication_to_citrix_is_refused():
         check_memory_target(vm, vm, SrTarget(sr, citrix, driver=None))
     xcpng = Pool("pool-1", "xcp", "xcp-ng", hosts=(host,), srs=(sr,))
     check_memory_target(vm, vm, SrTarget(sr, xcpng, driver=None))
+
+
+def target_vdis(pools):
+    return {
+        d.vdi_uuid
+        for v in pools.target.inventory().vms
+        for d in v.disks
+        if d.sr_uuid == pools.sr.uuid
+    }
+
+
+def test_a_failing_sr_never_costs_the_remotes(pools):
+    harness, sim = pools.harness, pools.sim
+    jobs = {
+        "dr": {"mode": "full", "remotes": ["nas"], "srs": [pools.sr.uuid], "vms": [pools.vm.uuid]},
+        "cr": {"mode": "delta", "remotes": ["nas"], "srs": [pools.sr.uuid], "vms": [pools.vm.uuid]},
+    }
+    config = harness.config(jobs)
+    before = target_vdis(pools)
+    sim.arm("/import", "drop", after_bytes=1024 * 1024, pool=1, times=None)
+    sim.arm("/import_raw_vdi", "drop", after_bytes=1024 * 1024, pool=1, times=None)
+    for key in jobs:
+        outcome = harness.run(config, key)
+        run = harness.store.get_run(outcome.run_id).to_dict()
+        assert outcome.vm_status[pools.vm.uuid] == "success", run
+        assert f"replication to SR {pools.sr.name}" in str(run)
+        assert not pools.replicas(DR_TAG if key == "dr" else CR_TAG, job_id(harness, config, key))
+    assert list(harness.remote_dir.rglob("*.xva"))
+    assert list(harness.remote_dir.rglob("*.vhd"))
+    # nothing left behind on the SR by the failed imports
+    assert target_vdis(pools) == before
+    sim.faults.clear()
+    # the delta job's snapshot was not marked exported (the SR lacks it): the next run of the
+    # delta job is full everywhere, and the replica is made
+    outcome = harness.run(config, "cr")
+    assert outcome.status == "success"
+    assert [full for full, _ in export_sizes(harness, outcome.run_id)] == [True]
+    assert pools.replicas(CR_TAG, job_id(harness, config, "cr"))
+
+
+def test_delete_first_rotates_dr_replicas_before_the_import(pools):
+    harness = pools.harness
+    config = harness.config(
+        {
+            "dr": {
+                "mode": "full",
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "settings": {"copyRetention": 1, "deleteFirst": True},
+            }
+        }
+    )
+    job = job_id(harness, config, "dr")
+    assert harness.run(config, "dr").status == "success"
+    [first] = pools.replicas(DR_TAG, job)
+    sim = pools.sim
+    # the next import fails: with deleteFirst the old replica is already gone
+    sim.arm("/import", "error", code="SR_FULL", pool=1)
+    assert harness.run(config, "dr").status == "failure"
+    assert pools.replicas(DR_TAG, job) == []
+    assert harness.run(config, "dr").status == "success"
+    [second] = pools.replicas(DR_TAG, job)
+    assert second.uuid != first.uuid
