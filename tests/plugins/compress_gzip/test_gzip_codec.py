@@ -5,42 +5,21 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import random
 import subprocess
 import sys
-import threading
 
 import pytest
 from xobackup_compress_gzip import GzipCodec
 from xobackup_compress_gzip.codec import CHUNK_SIZE as CHUNK
 from xobackup_compress_gzip.codec import isal_level
 
-from tests.conftest import require_tool
 from xobackup_core.compression import Codec
 from xobackup_core.errors import FormatError, UsageError
 from xobackup_core.plugins import Plugins
+from xobackup_core.testing import CodecConformance
+from xobackup_core.testing.codec_conformance import mixed_data
 
 MIB = 1 << 20
-
-
-def mixed_data(size: int, seed: int = 1) -> bytes:
-    """Random, zero and text runs of uneven lengths."""
-    rng = random.Random(seed)
-    words = [bytes(rng.choices(b"abcdefghij klmnopqrst", k=rng.randint(2, 9))) for _ in range(300)]
-    parts: list[bytes] = []
-    total = 0
-    while total < size:
-        run = rng.randint(1, 300_000)
-        kind = rng.randrange(3)
-        if kind == 0:
-            part = rng.randbytes(run)
-        elif kind == 1:
-            part = bytes(run)
-        else:
-            part = b" ".join(rng.choices(words, k=run // 5))[:run]
-        parts.append(part)
-        total += len(part)
-    return b"".join(parts)[:size]
 
 
 def compress(data: bytes, pieces: int = 65_537, **options: int) -> bytes:
@@ -59,23 +38,6 @@ def decompress(blob: bytes, read_size: int = -1) -> bytes:
     while chunk := reader.read(read_size):
         parts.append(chunk)
     return b"".join(parts)
-
-
-@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 12_345])
-@pytest.mark.parametrize("threads", [0, 2])
-def test_round_trip_across_chunk_boundaries(size, threads):
-    data = mixed_data(size, seed=size)
-    blob = compress(data, threads=threads)
-    assert decompress(blob) == data
-    assert decompress(blob, read_size=99_991) == data
-    assert gzip.decompress(blob) == data  # and Python's own gzip agrees
-
-
-def test_one_large_write_and_large_reads():
-    data = mixed_data(24 * MIB, seed=7)
-    blob = compress(data, pieces=len(data), threads=2)
-    assert len(blob) < len(data) * 0.8
-    assert decompress(blob, read_size=8 * MIB) == data
 
 
 def test_writes_to_destination_are_large():
@@ -103,89 +65,6 @@ def test_level_mapping():
     assert sizes[9] <= sizes[6] < sizes[1]
 
 
-def test_close_leaves_destination_open():
-    for threads in (0, 2):
-        out = io.BytesIO()
-        writer = GzipCodec().open_compress(out, threads=threads)
-        writer.write(b"payload" * 1000)
-        writer.close()
-        writer.close()
-        assert not out.closed
-        out.write(b"trailer")
-        assert out.getvalue().endswith(b"trailer")
-        with pytest.raises(ValueError):
-            writer.write(b"more")
-
-
-@pytest.mark.parametrize("threads", [0, 2])
-def test_failing_destination_error_comes_through(threads):
-    class FullDisk(io.RawIOBase):
-        def __init__(self):
-            self.received = 0
-            self.calls_after_failure = 0
-
-        def writable(self):
-            return True
-
-        def write(self, data):
-            if self.received >= 3 * MIB:
-                self.calls_after_failure += 1
-                raise OSError(28, "No space left on device")
-            self.received += len(data)
-            return len(data)
-
-    dst = FullDisk()
-    with pytest.raises(OSError, match="No space left") as caught:
-        with GzipCodec().open_compress(dst, threads=threads) as writer:
-            for _ in range(32):
-                writer.write(os.urandom(MIB))
-    # The destination's first error, not another one raised while closing (ISA-L's worker
-    # re-raises the very same error object, which then is its own context).
-    assert caught.value.__context__ in (None, caught.value)
-    assert dst.calls_after_failure == 1  # no trailer was pushed into the failed destination
-
-
-def test_error_in_the_block_leaves_destination_without_trailer():
-    out = io.BytesIO()
-    with pytest.raises(RuntimeError, match="source broke"):
-        with GzipCodec().open_compress(out) as writer:
-            writer.write(b"x" * 1000)
-            raise RuntimeError("source broke")
-    assert not out.closed
-    with pytest.raises(FormatError):
-        GzipCodec().open_decompress(io.BytesIO(out.getvalue())).read()
-
-
-def test_decompress_leaves_source_open():
-    source = io.BytesIO(compress(b"abc" * 100))
-    with GzipCodec().open_decompress(source) as reader:
-        assert reader.read() == b"abc" * 100
-    assert not source.closed
-
-
-def test_gzip_cli_reads_our_output(tmp_path):
-    gzip_tool = require_tool("gzip")
-    data = mixed_data(5 * MIB, seed=11)
-    for threads in (0, 2):
-        for level in (1, 9):
-            path = tmp_path / f"ours-{threads}-{level}.gz"
-            path.write_bytes(compress(data, threads=threads, level=level))
-            run = subprocess.run([gzip_tool, "-d", "-c", str(path)], capture_output=True)
-            assert run.returncode == 0, run.stderr  # 2 would mean a warning (trailing garbage)
-            assert run.stdout == data
-            subprocess.run([gzip_tool, "-t", str(path)], check=True)
-
-
-@pytest.mark.parametrize("level", ["-1", "-6", "-9"])
-def test_we_read_gzip_cli_output(tmp_path, level):
-    gzip_tool = require_tool("gzip")
-    data = mixed_data(3 * MIB, seed=13)
-    source = tmp_path / "data"
-    source.write_bytes(data)
-    subprocess.run([gzip_tool, level, "-k", str(source)], check=True)  # with the file name
-    assert decompress((tmp_path / "data.gz").read_bytes(), read_size=77_777) == data
-
-
 def test_concatenated_members_read_as_one_stream():
     first, second = mixed_data(MIB, seed=1), mixed_data(MIB, seed=2)
     assert decompress(compress(first) + compress(second, threads=0)) == first + second
@@ -195,11 +74,6 @@ def test_concatenated_members_read_as_one_stream():
 def test_invalid_level_is_a_usage_error(level):
     with pytest.raises(UsageError, match=r"gzip: invalid compression level .*1 to 9"):
         GzipCodec().open_compress(io.BytesIO(), level=level)
-
-
-def test_invalid_thread_count_is_a_usage_error():
-    with pytest.raises(UsageError, match=r"gzip: invalid thread count -2"):
-        GzipCodec().open_compress(io.BytesIO(), threads=-2)
 
 
 def test_corrupt_data_is_a_format_error():
@@ -216,40 +90,6 @@ def test_corrupt_data_is_a_format_error():
     crc_broken[-8] ^= 0xFF
     with pytest.raises(FormatError, match=r"gzip: corrupt compressed data: CRC check failed"):
         decompress(bytes(crc_broken))
-
-
-def test_every_truncation_is_a_format_error():
-    data = mixed_data(600_000, seed=17)
-    blob = compress(data, threads=0)
-    rng = random.Random(4)
-    cuts = {*range(1, 30), *range(len(blob) - 30, len(blob))}
-    cuts |= {rng.randrange(1, len(blob)) for _ in range(200)}
-    for cut in sorted(cuts):
-        with pytest.raises(FormatError, match=r"gzip: (compressed data ends|corrupt)"):
-            decompress(blob[:cut], read_size=65_536)
-
-
-def test_stream_opened_in_one_thread_is_usable_in_another():
-    # ISA-L's worker threads stop when the thread that started them ends: the codec starts
-    # them at the first write, so handing an opened stream to another thread works.
-    holder = {}
-    out = io.BytesIO()
-    opener = threading.Thread(
-        target=lambda: holder.setdefault("w", GzipCodec().open_compress(out, threads=2))
-    )
-    opener.start()
-    opener.join()
-    data = mixed_data(6 * MIB, seed=23)
-
-    def write_all():
-        with holder["w"] as writer:
-            writer.write(data)
-
-    writer_thread = threading.Thread(target=write_all, daemon=True)
-    writer_thread.start()
-    writer_thread.join(timeout=60)
-    assert not writer_thread.is_alive(), "compression hung"
-    assert decompress(out.getvalue()) == data
 
 
 _MEMORY_SCRIPT = r"""
@@ -305,3 +145,18 @@ def test_plugin_is_registered_and_listed(capsys, monkeypatch):
     listed = [line for line in capsys.readouterr().out.splitlines() if "compressor:gzip" in line]
     assert len(listed) == 1
     assert listed[0].split()[:2] == ["compress_gzip", "xobackup-compress-gzip"]
+
+
+class TestGzipCodecConformance(CodecConformance):
+    chunk_size = CHUNK
+    cli_decompress = ("gzip", "-d", "-c")
+    cli_compress = (("gzip", "-1", "-c"), ("gzip", "-6", "-c"), ("gzip", "-9", "-c"))
+
+    @pytest.fixture
+    def codec(self):
+        return GzipCodec()
+
+    def test_python_gzip_reads_our_output(self, codec):
+        data = mixed_data(3 * CHUNK + 12_345, seed=5)
+        for threads in self.thread_options:
+            assert gzip.decompress(compress(data, threads=threads)) == data
