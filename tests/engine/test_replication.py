@@ -392,3 +392,27 @@ def test_delete_first_rotates_dr_replicas_before_the_import(pools):
     assert harness.run(config, "dr").status == "success"
     [second] = pools.replicas(DR_TAG, job)
     assert second.uuid != first.uuid
+
+
+def test_disaster_recovery_with_memory_checks_the_target_cpu(pools):
+    harness, sim = pools.harness, pools.sim
+    config = harness.config(
+        {
+            "dr": {
+                "mode": "full",
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "settings": {"checkpointSnapshot": True, "copyRetention": 3},
+            }
+        }
+    )
+    job = job_id(harness, config, "dr")
+    assert harness.run(config, "dr").status == "success"
+    [replica] = pools.replicas(DR_TAG, job)
+    assert replica.power_state == "Suspended" and replica.suspend_vdi_uuid
+    [host] = pools.target.inventory().pools[0].hosts
+    sim.set_host_cpu(host.uuid, "AuthenticAMD")
+    outcome = harness.run(config, "dr")
+    assert outcome.status == "failure"
+    assert "AMD EPYC" in str(harness.store.get_run(outcome.run_id).to_dict())
+    assert len(pools.replicas(DR_TAG, job)) == 1

@@ -143,9 +143,14 @@ def doomed_replicas(replicas: Sequence[Vm], keep: int) -> list[Vm]:
     return list(replicas[: max(len(replicas) - keep, 0)])
 
 
-def check_memory_target(vm: Vm, snapshot: Vm, target: SrTarget) -> None:
-    """Refuse RAM replication a target pool could never resume (XAPI's resume check)."""
-    if target.pool.flavour != "xcp-ng":
+def check_memory_target(vm: Vm, snapshot: Vm, target: SrTarget, *, create: bool = True) -> None:
+    """Refuse RAM replication a target pool could never resume (XAPI's resume check).
+
+    ``create``: the replica is made with ``VM.create`` (continuous replication), which only
+    XCP-ng can do for a Suspended VM; an XVA import (disaster recovery) keeps the power state
+    on every flavour.
+    """
+    if create and target.pool.flavour != "xcp-ng":
         raise XobackupError(
             f"replication with memory to {target.label} is not possible: pool "
             f"{target.pool.name} is {target.pool.flavour}, and only XCP-ng can create a "
@@ -366,10 +371,16 @@ class Replication:
     def copy_retention(self) -> int:
         return int(self.backup.settings["copyRetention"] or 0)
 
-    def check_memory(self) -> None:
+    def check_memory(self, *, create: bool = True) -> None:
         """Before any transfer: each SR's pool must be able to resume a memory replica."""
         for target in self.live:
-            check_memory_target(self.backup.vm, self.backup.vm, target)
+            check_memory_target(self.backup.vm, self.backup.vm, target, create=create)
+
+    def plan_dr(self, memory: bool) -> None:
+        """Before the snapshot: a checkpoint's XVA imports as a Suspended replica, which a
+        host of each target pool must be able to resume."""
+        if memory:
+            self.check_memory(create=False)
 
     # -- disaster recovery -------------------------------------------------------------------
     def dr_fan_targets(self) -> list[Any]:
@@ -436,7 +447,8 @@ class Replication:
     def rotate_dr(self, reserve: int = 0) -> None:
         """Destroy the oldest DR replicas beyond ``copyRetention`` (minus ``reserve``)."""
         b = self.backup
-        keep = max(self.copy_retention - reserve, 0)
+        # 0 would destroy the replica just made: at least one is kept.
+        keep = max(max(self.copy_retention, 1) - reserve, 0)
         for target in self.live:
             try:
                 vms = target.driver.inventory().vms

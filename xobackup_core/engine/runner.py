@@ -531,6 +531,8 @@ class _VmBackup:
             # An XVA import of unknown length must frame itself: only an uncompressed one does.
             self.task.warning("replication to SRs: the XVA is exported uncompressed")
             compression = "none"
+        memory = bool(self.settings["checkpointSnapshot"]) or "xo-memory-backup" in self.vm.tags
+        self.replication.plan_dr(memory and self.vm.power_state == "Running")
         if self.settings["deleteFirst"]:
             self.replication.rotate_dr(reserve=1)
         try:
