@@ -416,3 +416,21 @@ def test_disaster_recovery_with_memory_checks_the_target_cpu(pools):
     assert outcome.status == "failure"
     assert "AMD EPYC" in str(harness.store.get_run(outcome.run_id).to_dict())
     assert len(pools.replicas(DR_TAG, job)) == 1
+
+
+def test_copy_retention_zero_skips_replication_for_that_schedule(pools):
+    harness = pools.harness
+    config = harness.config(
+        {
+            "dr": {
+                "mode": "full",
+                "remotes": ["nas"],
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "settings": {"copyRetention": 0},
+            }
+        }
+    )
+    assert harness.run(config, "dr").status == "success"
+    assert not pools.replicas(DR_TAG, job_id(harness, config, "dr"))
+    assert list(harness.remote_dir.rglob("*.xva"))

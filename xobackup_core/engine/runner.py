@@ -213,8 +213,12 @@ class JobRunner:
         if job.remotes and settings["exportRetention"] == 0:
             recorder.info("exportRetention is 0 for this schedule: no backup to remotes")
             remote_names = []
-        sr_targets = open_sr_targets(job.srs, inventories, self.driver, recorder.warning)
-        if job.srs and not sr_targets and not remote_names:
+        sr_uuids = job.srs
+        if job.srs and settings["copyRetention"] == 0:
+            recorder.info("copyRetention is 0 for this schedule: no replication to SRs")
+            sr_uuids = []
+        sr_targets = open_sr_targets(sr_uuids, inventories, self.driver, recorder.warning)
+        if sr_uuids and not sr_targets and not remote_names:
             raise XobackupError("no SR of the job was found in the configured servers")
         targets = self._open_remotes(remote_names, recorder)
         if remote_names and not targets:
