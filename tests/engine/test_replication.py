@@ -434,3 +434,27 @@ def test_copy_retention_zero_skips_replication_for_that_schedule(pools):
     assert harness.run(config, "dr").status == "success"
     assert not pools.replicas(DR_TAG, job_id(harness, config, "dr"))
     assert list(harness.remote_dir.rglob("*.xva"))
+
+
+def test_each_memory_run_makes_a_new_replica_and_rotates_the_old(pools):
+    harness = pools.harness
+    config = harness.config(
+        {
+            "ram": {
+                "mode": "delta",
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "settings": {"checkpointSnapshot": True, "copyRetention": 1},
+            }
+        }
+    )
+    job = job_id(harness, config, "ram")
+    assert harness.run(config, "ram").status == "success"
+    [first] = pools.replicas(CR_TAG, job)
+    pools.sim.randomize_blocks(pools.vm.disks[0].vdi_uuid, 0.2, seed=7)
+    assert harness.run(config, "ram").status == "success"
+    [second] = pools.replicas(CR_TAG, job)
+    assert second.uuid != first.uuid and second.power_state == "Suspended"
+    checkpoint = pools.job_snapshots()[-1]
+    assert pools.content(second.disks[0].vdi_uuid) == pools.content(checkpoint.disks[0].vdi_uuid)
+    assert pools.content(second.suspend_vdi_uuid) == pools.content(checkpoint.suspend_vdi_uuid)

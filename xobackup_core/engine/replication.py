@@ -138,9 +138,11 @@ def dr_replicas(
     return sorted(found, key=lambda v: (v.other_config.get("xo:backup:datetime", ""), v.uuid))
 
 
-def doomed_replicas(replicas: Sequence[Vm], keep: int) -> list[Vm]:
-    """The oldest replicas beyond the newest ``keep``."""
-    return list(replicas[: max(len(replicas) - keep, 0)])
+def doomed_replicas(replicas: Sequence[Vm], keep: int, newest: str | None = None) -> list[Vm]:
+    """The oldest replicas beyond the newest ``keep``; ``newest`` (this run's, by UUID) counts
+    as the newest whatever its date says (two runs may share a second)."""
+    ordered = sorted(replicas, key=lambda v: v.uuid == newest)  # stable: dates order the rest
+    return list(ordered[: max(len(ordered) - keep, 0)])
 
 
 def check_memory_target(vm: Vm, snapshot: Vm, target: SrTarget, *, create: bool = True) -> None:
@@ -338,6 +340,8 @@ class Replication:
         self.targets = list(targets)
         self.dropped: list[str] = []
         self.plans: dict[str, CrPlan] = {}
+        self.made: dict[str, str] = {}
+        """This run's DR replica per SR."""
 
     # -- common ------------------------------------------------------------------------------
     @property
@@ -434,6 +438,7 @@ class Replication:
                 if ha:
                     handle.info("HA restart priority cleared on the replica")
                 handle.finish(size=fan_target.written, id=replica)
+                self.made[target.key] = replica
                 ok += 1
             except XobackupError as error:
                 handle.fail(describe_error(error))
@@ -453,7 +458,9 @@ class Replication:
             try:
                 vms = target.driver.inventory().vms
                 doomed = doomed_replicas(
-                    dr_replicas(vms, b.job_id, b.schedule_id, b.vm.uuid, target.key), keep
+                    dr_replicas(vms, b.job_id, b.schedule_id, b.vm.uuid, target.key),
+                    keep,
+                    self.made.get(target.key),
                 )
                 for replica in doomed:
                     target.driver.destroy_vm(replica.uuid)
@@ -685,7 +692,7 @@ class Replication:
                 self.drop(target, error, "creating the replica")
                 self.discard(plan)
                 continue
-            self.rotate_cr(target, replica)
+            self.rotate_cr(target, replica, taken.uuid)
 
     def create(self, plan: CrPlan, snapshot: Vm) -> str:
         """A new replica VM from the snapshot's records, on the VDIs just written."""
@@ -725,7 +732,7 @@ class Replication:
         for plan in self.plans.values():
             self.discard(plan)
 
-    def rotate_cr(self, target: SrTarget, current: str) -> None:
+    def rotate_cr(self, target: SrTarget, current: str, newest: str) -> None:
         """Keep the newest ``copyRetention`` replica snapshots of this schedule; replicas
         superseded by a new one go once none of their snapshots is left."""
         b = self.backup
@@ -749,7 +756,7 @@ class Replication:
                 ),
                 key=lambda v: (v.other_config.get("xo:backup:datetime", ""), v.uuid),
             )
-            doomed = doomed_replicas(entries, max(self.copy_retention, 1))
+            doomed = doomed_replicas(entries, max(self.copy_retention, 1), newest)
             for snapshot in doomed:
                 target.driver.destroy_vm(snapshot.uuid)
             kept = {v.snapshot_of for v in entries if v not in doomed}
