@@ -458,3 +458,28 @@ def test_each_memory_run_makes_a_new_replica_and_rotates_the_old(pools):
     checkpoint = pools.job_snapshots()[-1]
     assert pools.content(second.disks[0].vdi_uuid) == pools.content(checkpoint.disks[0].vdi_uuid)
     assert pools.content(second.suspend_vdi_uuid) == pools.content(checkpoint.suspend_vdi_uuid)
+
+
+def test_a_running_replica_is_left_alone(pools):
+    harness = pools.harness
+    config = harness.config(
+        {"cr": {"mode": "delta", "srs": [pools.sr.uuid], "vms": [pools.vm.uuid]}}
+    )
+    job = job_id(harness, config, "cr")
+    assert harness.run(config, "cr").status == "success"
+    [replica] = pools.replicas(CR_TAG, job)
+    # the user takes the replica over: unblocks and starts it
+    pools.target.update_vm(replica.uuid, blocked_operations={"start": None, "start_on": None})
+    pools.target.call("VM.start", pools.target._ref("VM", replica.uuid), False, False)
+    outcome = harness.run(config, "cr")
+    assert outcome.status == "success"
+    assert "can be started" in str(harness.store.get_run(outcome.run_id).to_dict())
+    assert harness.run(config, "cr").status == "success"
+    replicas = pools.replicas(CR_TAG, job)
+    assert len(replicas) == 2  # the user's one, and the job's new one updated in place
+    mine = pools.target.inventory().vm(replica.uuid)
+    assert mine.power_state == "Running"
+    newest = replicas[-1]
+    assert newest.uuid != replica.uuid and newest.power_state == "Halted"
+    snapshot = pools.job_snapshots()[-1]
+    assert pools.content(newest.disks[0].vdi_uuid) == pools.content(snapshot.disks[0].vdi_uuid)
