@@ -235,6 +235,8 @@ def test_continuous_replication_deltas_and_rotation(pools):
         v for v in pools.target.inventory().vms if v.is_snapshot and v.snapshot_of == replica.uuid
     ]
     assert len(replica_snapshots) == 2  # copyRetention
+    # the remote of the job was fed from the same exports: one VHD per run
+    assert len(list(harness.remote_dir.rglob("*.vhd"))) == 4
 
 
 def test_a_started_replica_is_never_overwritten(pools):
