@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from xobackup_remote_local import LocalRemote
 
 from tests.core.conftest import run_cli
@@ -173,3 +174,30 @@ def test_a_job_never_runs_twice_at_once(tmp_path, xapi_sim):
         run_cli("--config", str(config), "logs", "--json", "--status", "skipped").stdout
     )
     assert skipped and "already running" in json.dumps(skipped)
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path):
+    remote_dir = tmp_path / "remote"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from xobackup_remote_local import LocalRemote\n"
+            "from xobackup_core.scheduler.locks import VmLock\n"
+            f"lock = VmLock(LocalRemote({str(remote_dir)!r}), 'vm-1', 'killed run', ttl=600)\n"
+            "lock.acquire(); print('locked', flush=True); time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    remote = LocalRemote(remote_dir)
+    lock = VmLock(remote, "vm-1", "next run", ttl=60)
+    with pytest.raises(Exception, match="killed run"):
+        lock.acquire()
+    holder.kill()
+    holder.wait()
+    lock.acquire()  # the holder is gone: no need to wait ten minutes for its expiry
+    assert lock.read().owner == "next run"
+    lock.release()

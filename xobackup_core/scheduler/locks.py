@@ -78,6 +78,14 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
+def _holder_is_dead(info: LockInfo) -> bool:
+    """A lock held by a process of this host that no longer runs is stale at once: a run
+    killed with SIGKILL must not block the next one until the lock's expiry."""
+    from xobackup_core.logs.process import process_alive
+
+    return info.host == socket.gethostname() and info.pid > 0 and not process_alive(info.pid)
+
+
 @dataclass(frozen=True)
 class LockInfo:
     """What a lock file says."""
@@ -275,7 +283,7 @@ class VmLock:
             if current is None:
                 continue  # released between our attempt and our look: try again
             seen = current
-            if current.expires > self.clock():
+            if current.expires > self.clock() and not _holder_is_dead(current):
                 return current
             self._take_over(current)
         return seen or _CONTENDED
@@ -313,11 +321,11 @@ class VmLock:
             if (
                 current is not None
                 and current.token == expired.token
-                and current.expires <= self.clock()
+                and (current.expires <= self.clock() or _holder_is_dead(current))
             ):
                 self.remote.delete(self.path, missing_ok=True)
                 _log.warning(
-                    "VM %s on remote %r: removed the expired lock of %s (pid %d on %s)",
+                    "VM %s on remote %r: removed the stale lock of %s (pid %d on %s)",
                     self.vm_uuid,
                     self.remote.name,
                     expired.owner,
