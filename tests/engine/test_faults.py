@@ -185,3 +185,21 @@ def test_cleanup_removes_incomplete_backups_and_reports_damaged_xva(harness):
     assert xva_backup.path in {b.path for b in repository.list_backups(vms[1])}, (
         "a suspicious XVA is reported, never deleted silently"
     )
+
+
+def test_xva_export_dropped_mid_stream(harness):
+    sim = harness.sim
+    vm_uuid = next(iter(guest_vms(sim)))
+    config = harness.config({"full": {"mode": "full", "remotes": ["nas"], "vms": [vm_uuid]}})
+    sim.arm("/export", "drop", after_bytes=3 * MiB)
+    outcome = harness.run(config, "full")
+    assert outcome.status == "failure"
+    remote = LocalRemote(harness.remote_dir)
+    assert BackupRepository(remote).list_backups(vm_uuid) == []
+    leftovers = (
+        [p for p in harness.remote_dir.rglob("*") if p.is_file()]
+        if (harness.remote_dir.exists())
+        else []
+    )
+    assert not [p for p in leftovers if ".xva" in p.name], leftovers
+    assert harness.run(config, "full").status == "success"

@@ -12,7 +12,7 @@ import hashlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -106,12 +106,13 @@ class Fanout:
         chunk_size: int = CHUNK_SIZE,
         on_chunk: Callable[[int], Any] | None = None,
     ) -> int:
-        """Read ``stream`` to its end into every target; returns the bytes read."""
+        """Read ``stream`` to its end into every target; returns the bytes read.
+
+        The stream is read ahead by a thread, so receiving the next chunks overlaps with
+        writing this one (a network read and a disk write each release the GIL).
+        """
         total = 0
-        while True:
-            chunk = stream.read(chunk_size)
-            if not chunk:
-                return total
+        for chunk in read_ahead(stream, chunk_size):
             if limiter is not None:
                 limiter.consume(len(chunk))
             if on_chunk is not None:
@@ -119,6 +120,52 @@ class Fanout:
             total += len(chunk)
             if not self.write(chunk):
                 return total
+        return total
+
+
+_END = object()
+
+
+def read_ahead(stream: BinaryIO, chunk_size: int = CHUNK_SIZE, depth: int = 4) -> Iterator[bytes]:
+    """Chunks of ``stream``, read by a thread up to ``depth`` chunks ahead of the consumer.
+
+    An error of the stream is raised to the consumer; a consumer that stops early (or
+    closes the stream) ends the thread.
+    """
+    chunks: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                chunk = stream.read(chunk_size)
+                if not chunk:
+                    break
+                _put(chunk)
+            _put(_END)
+        except BaseException as error:  # handed to the consumer
+            _put(error)
+
+    def _put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=reader, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = chunks.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 class BackgroundDigest:
