@@ -201,3 +201,17 @@ def test_a_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path):
     lock.acquire()  # the holder is gone: no need to wait ten minutes for its expiry
     assert lock.read().owner == "next run"
     lock.release()
+
+
+def test_a_job_locked_on_its_remote_by_another_process_is_skipped(harness):
+    vm_uuid = next(iter(guest_vms(harness.sim)))
+    config = harness.config({"job": {"mode": "delta", "remotes": ["nas"], "vms": [vm_uuid]}})
+    remote = LocalRemote(harness.remote_dir)
+    other_host = f"job-{config.job_id('job')}"
+    with VmLock(remote, other_host, "the same job on another host", ttl=60):
+        outcome = harness.run(config, "job")
+    assert outcome.status == "skipped"
+    log = json.dumps(harness.store.get_run(outcome.run_id).to_dict())
+    assert "already running" in log and "the same job on another host" in log
+    assert BackupRepository(remote).list_backups(vm_uuid) == []
+    assert harness.run(config, "job").status == "success"

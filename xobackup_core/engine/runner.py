@@ -263,17 +263,25 @@ class JobRunner:
             outcome.vm_status[vm.uuid] = status
             self.progress.vm_finished(vm.uuid, status)
 
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vm") as pool:
-            futures = [pool.submit(backup_one, vm) for vm in vms]
-            try:
-                for future in futures:
-                    future.result()
-            except KeyboardInterrupt:
-                # Ctrl-C: every VM stops its transfers now; the executor then waits for them.
-                guard.stop_now(CancelledError("interrupted by the user (Ctrl-C)"))
-                for future in futures:
-                    future.cancel()
-                raise
+        # The job itself is locked on each remote, so two processes that do not share a run
+        # log (two hosts, say) never run it at once against the same remotes.
+        owner = f"job {job_view['name']} (run {recorder.run_id})"
+        job_lock = f"job-{job_view['id']}"
+        with VmLocks({t.key: t.remote for t in targets}, job_lock, owner) as refused:
+            if refused:
+                key, error = next(iter(refused.items()))
+                return f"the job is already running (remote {key!r}: {error})"
+            with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vm") as pool:
+                futures = [pool.submit(backup_one, vm) for vm in vms]
+                try:
+                    for future in futures:
+                        future.result()
+                except KeyboardInterrupt:
+                    # Ctrl-C: every VM stops its transfers now; the executor waits for them.
+                    guard.stop_now(CancelledError("interrupted by the user (Ctrl-C)"))
+                    for future in futures:
+                        future.cancel()
+                    raise
         return None
 
     def _open_remotes(self, names: Sequence[str], recorder: RunRecorder) -> list[RemoteTarget]:
