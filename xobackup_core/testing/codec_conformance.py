@@ -26,6 +26,7 @@ import io
 import os
 import random
 import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ import pytest
 
 from xobackup_core.compression import Codec
 from xobackup_core.errors import FormatError, UsageError
+from xobackup_core.plugins import Plugins
 
 MiB = 1024 * 1024
 
@@ -69,6 +71,13 @@ class CodecConformance:
     """A reference tool that decompresses a file to stdout, e.g. ``["gzip", "-d", "-c"]``."""
     cli_compress: Sequence[Sequence[str]] = ()
     """Reference commands that compress a file to stdout, e.g. ``[["gzip", "-1", "-c"]]``."""
+    codec_class: str | None = None
+    """``"module:Class"`` of the codec, to measure its memory in a fresh process."""
+    entry_point: str | None = None
+    """The plugin's entry-point name, to check ``xobackup plugins`` lists it."""
+    distribution: str | None = None
+    """The plugin's distribution name, as ``xobackup plugins`` shows it."""
+    memory_limit_mib: float = 100.0
 
     @pytest.fixture
     def codec(self) -> Codec:  # pragma: no cover - overridden by every subclass
@@ -241,5 +250,68 @@ class CodecConformance:
             run = subprocess.run([*argv, str(source)], capture_output=True, check=True)
             assert self.decompress(codec, run.stdout, read_size=77_777) == data, command
 
+    # -- constant memory and registration ---------------------------------------------------
+    def test_memory_stays_constant_on_256_mib(self, codec: Codec, tmp_path: Path) -> None:
+        if self.codec_class is None:
+            pytest.skip("codec_class is not declared")
+        path = str(tmp_path / f"big{codec.file_suffix}")
+        assert self._peak_rss_mib("compress", path) < self.memory_limit_mib
+        assert os.path.getsize(path) < 140 * MiB
+        assert self._peak_rss_mib("decompress", path) < self.memory_limit_mib
+
+    def _peak_rss_mib(self, mode: str, path: str) -> float:
+        # The child reports its own high-water mark (VmHWM, KiB). getrusage() is no good here:
+        # the kernel carries the RSS of the process that forked into the child's ru_maxrss
+        # across exec, and a test process is bigger than the limit being checked.
+        assert self.codec_class is not None
+        run = subprocess.run(
+            [sys.executable, "-c", _MEMORY_SCRIPT, self.codec_class, mode, path],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(run.stdout) / 1024
+
+    def test_plugin_is_registered_and_listed(
+        self, codec: Codec, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        if self.entry_point is None:
+            pytest.skip("entry_point is not declared")
+        # Only this plugin besides the core's: another plugin's import error must not fail this.
+        monkeypatch.setenv("XOBACKUP_PLUGINS", self.entry_point)
+        found = Plugins(autoload=False).compressor(codec.name)
+        assert isinstance(found, Codec)
+        assert (found.name, found.file_suffix) == (codec.name, codec.file_suffix)
+
+        from xobackup_core.cli.main import main
+
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--no-plugin-autoload", "plugins"])
+        assert exit_info.value.code == 0
+        marker = f"compressor:{codec.name}"
+        listed = [line for line in capsys.readouterr().out.splitlines() if marker in line]
+        assert len(listed) == 1
+        assert listed[0].split()[:2] == [self.entry_point, self.distribution]
+
+
+_MEMORY_SCRIPT = r"""
+import importlib, os, sys
+module, name = sys.argv[1].split(":")
+mode, path = sys.argv[2], sys.argv[3]
+codec = getattr(importlib.import_module(module), name)()
+if mode == "compress":
+    zeros = bytes(4 << 20)
+    with open(path, "wb") as dst, codec.open_compress(dst, threads=2) as writer:
+        for index in range(64):  # 256 MiB, half random
+            writer.write(os.urandom(4 << 20) if index % 2 else zeros)
+else:
+    total = 0
+    with open(path, "rb") as src, codec.open_decompress(src) as reader:
+        while chunk := reader.read(4 << 20):
+            total += len(chunk)
+    assert total == 256 << 20, total
+with open("/proc/self/status") as status:
+    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+"""
 
 __all__ = ["CodecConformance", "mixed_data"]
