@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
+from xobackup_core.errors import HypervisorError
+
 PowerState = Literal["Running", "Halted", "Suspended", "Paused"]
 VmCompression = Literal["none", "gzip", "zstd"]
 DiskFormat = Literal["vhd", "raw"]
@@ -229,6 +231,15 @@ class HypervisorDriver(ABC):
         ha_restart_priority: str | None = None,
     ) -> None:
         """Change a VM's bookkeeping. A ``None`` value in a mapping removes that key."""
+
+    def start_vm(self, vm_uuid: str) -> None:
+        """Start a Halted VM, or resume a Suspended one (with the hypervisor's CPU check).
+
+        Raises :class:`~xobackup_core.errors.HypervisorError` with the hypervisor's code when
+        the VM cannot run (e.g. ``VM_BAD_POWER_STATE``, ``OPERATION_BLOCKED``,
+        ``VM_INCOMPATIBLE_WITH_THIS_HOST``); drivers that cannot start VMs raise it too.
+        """
+        raise HypervisorError(f"the {self.name} driver cannot start VMs", code="NOT_SUPPORTED")
 
     def vm_devices(self, vm_uuid: str) -> Mapping[str, Mapping[str, Mapping[str, Any]]]:
         """The hypervisor's records of a VM's devices, stored in delta backup metadata.
