@@ -241,6 +241,13 @@ class HypervisorDriver(ABC):
         """
         raise HypervisorError(f"the {self.name} driver cannot start VMs", code="NOT_SUPPORTED")
 
+    def set_vif_macs(self, vm_uuid: str, macs: Mapping[str, str]) -> None:
+        """Give a Halted VM's network interfaces these MAC addresses, keyed by VIF device
+        (``"0"``, ``"1"``...); ``""`` asks the hypervisor for a fresh one. Interfaces whose
+        device is not in ``macs``, or that already have that MAC, are left alone.
+        """
+        raise HypervisorError(f"the {self.name} driver cannot change MACs", code="NOT_SUPPORTED")
+
     def vm_devices(self, vm_uuid: str) -> Mapping[str, Mapping[str, Mapping[str, Any]]]:
         """The hypervisor's records of a VM's devices, stored in delta backup metadata.
 
