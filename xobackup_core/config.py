@@ -195,6 +195,9 @@ class Settings(_Strict):
     useVhdDirectory: bool | None = None
     vhdDirectoryCompression: Literal["none", "gzip", "brotli"] | None = None
     bypassVdiChainsCheck: bool | None = None
+    bypassCpuCheck: bool | None = None
+    """Replicate with memory even where no host of the target pool has a CPU able to resume
+    the replica (the run warns, naming both CPUs)."""
 
     @field_validator("timezone")
     @classmethod
@@ -227,6 +230,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "useVhdDirectory": False,
     "vhdDirectoryCompression": "brotli",
     "bypassVdiChainsCheck": False,
+    "bypassCpuCheck": False,
 }
 """Library defaults, the weakest layer: Xen Orchestra's, with its UI's retention defaults (1)
 and merges run inside the job so its log shows them. As in Xen Orchestra, a retention of 0
