@@ -26,7 +26,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from common import GIB, MIB, best_of, data_dir, print_result, result, run_command, run_python
+from common import (
+    GIB,
+    MIB,
+    best_of,
+    compare,
+    data_dir,
+    print_result,
+    result,
+    run_command,
+    run_python,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -232,21 +242,31 @@ def bench_read(work: Path, size: int, delta_blocks: int, runs: int) -> dict[str,
 
 def bench_merge(work: Path, base_size: int, big_base: int, delta_size: int, runs: int) -> list:
     data = work / "merge-data"
-    timings = {}
     rss = 0.0
-    # (base size, written base): the comparison with cp uses a base full of data; the
-    # scaling pair uses preallocated bases of both sizes.
-    for size, written in ((base_size, True), (base_size, False), (big_base, False)):
-        base_uuid = _make_merge_set(data, size, 10, delta_size)
-        best = None
-        for _ in range(runs):
-            names = _install_merge(work / "merge", data, size, base_uuid, written)
-            subprocess.run(["sync"], check=True)
-            run = run_python("bench_vhd:merge_chain", str(work / "merge"), names)
-            assert run.value == 10 * delta_size, run.value
-            best = run if best is None or run.seconds < best.seconds else best
-        timings[size, written] = best
-        rss = max(rss, best.peak_rss_mib)
+
+    def merge(size: int, written: bool, base_uuid: uuid.UUID, source: Path) -> Any:
+        names = _install_merge(work / "merge", source, size, base_uuid, written)
+        subprocess.run(["sync"], check=True)
+        run = run_python("bench_vhd:merge_chain", str(work / "merge"), names)
+        assert run.value == 10 * delta_size, run.value
+        return run
+
+    # The comparison with cp uses a base full of data.
+    base_uuid = _make_merge_set(data, base_size, 10, delta_size)
+    written_run = best_of(runs, lambda: merge(base_size, True, base_uuid, data))
+    rss = max(rss, written_run.peak_rss_mib)
+    # The scaling pair uses preallocated bases of both sizes, each with its own deltas, and
+    # alternates them so that load elsewhere on the machine, and what one merge leaves in the
+    # page cache, weigh on both sides alike.
+    big_data = work / "merge-data-big"
+    big_uuid = _make_merge_set(big_data, big_base, 10, delta_size)
+    big_run, small_run = compare(
+        runs + 1,
+        lambda: merge(big_base, False, big_uuid, big_data),
+        lambda: merge(base_size, False, base_uuid, data),
+    )
+    rss = max(rss, small_run.peak_rss_mib, big_run.peak_rss_mib)
+    _drop(big_data)
     changed = data / "changed.raw"
     copy_target = work / "merge-data" / "copy.raw"
 
@@ -261,17 +281,17 @@ def bench_merge(work: Path, base_size: int, big_base: int, delta_size: int, runs
         result(
             f"vhd merge 10x{delta_size // MIB} MiB into {base_size // GIB or base_size // MIB}"
             f"{' GiB' if base_size >= GIB else ' MiB'}",
-            ours_s=timings[base_size, True].seconds,
+            ours_s=written_run.seconds,
             reference_s=reference.seconds,
             reference="cp+sync changed data",
             max_ratio=1.5,
-            peak_rss_mib=timings[base_size, True].peak_rss_mib,
+            peak_rss_mib=written_run.peak_rss_mib,
             max_rss_mib=RSS_LIMIT_MIB,
         ),
         result(
             f"vhd merge scaling base {big_base // base_size}x larger",
-            ours_s=timings[big_base, False].seconds,
-            reference_s=timings[base_size, False].seconds,
+            ours_s=big_run.seconds,
+            reference_s=small_run.seconds,
             reference="same merge, small base",
             max_ratio=1.3,
             peak_rss_mib=rss,
