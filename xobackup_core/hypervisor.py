@@ -241,6 +241,34 @@ class HypervisorDriver(ABC):
         """
         raise HypervisorError(f"the {self.name} driver cannot start VMs", code="NOT_SUPPORTED")
 
+    def shutdown_vm(self, vm_uuid: str, *, force_after: float | None = None) -> None:
+        """Shut a Running VM down cleanly (the guest's own shutdown) and return once it is
+        Halted.
+
+        With ``force_after`` (seconds), a guest still running after that long, or one that
+        cannot shut down cleanly at all (no PV drivers), is powered off hard, as Xen
+        Orchestra's "force shutdown delay" does; without it the clean shutdown's failure is
+        raised and the VM keeps running. A VM already Halted is left alone. Raises
+        :class:`~xobackup_core.errors.HypervisorError` with the hypervisor's code otherwise
+        (e.g. ``VM_BAD_POWER_STATE`` for a Suspended VM, ``OPERATION_BLOCKED``); drivers
+        that cannot stop VMs raise it too.
+        """
+        raise HypervisorError(f"the {self.name} driver cannot shut VMs down", code="NOT_SUPPORTED")
+
+    def update_vdi(
+        self,
+        vdi_uuid: str,
+        *,
+        name: str | None = None,
+        other_config: Mapping[str, str | None] | None = None,
+    ) -> None:
+        """Rename a VDI or change its ``other_config`` (a ``None`` value removes that key).
+
+        The engine marks a backup snapshot's disks with the ``xo:backup:*`` keys, as Xen
+        Orchestra does (xo-backups.md §7.4), so that a later run finds its base per disk.
+        """
+        raise HypervisorError(f"the {self.name} driver cannot change disks", code="NOT_SUPPORTED")
+
     def set_vif_macs(self, vm_uuid: str, macs: Mapping[str, str]) -> None:
         """Give a Halted VM's network interfaces these MAC addresses, keyed by VIF device
         (``"0"``, ``"1"``...); ``""`` asks the hypervisor for a fresh one. Interfaces whose
