@@ -1,0 +1,143 @@
+"""The JSON API of `xobackup serve`, against a real server over a log of real runs."""
+
+from __future__ import annotations
+
+import time
+
+from tests.plugins.web.conftest import SECRETS, Site
+
+
+def test_runs_list_every_outcome_with_its_colour(site: Site):
+    with site.client() as client:
+        runs = client.get("/api/runs", params={"limit": 0}).json()
+    by_id = {run["runId"]: run for run in runs}
+    assert by_id[site.runs["success"]]["status"] == "success"
+    assert by_id[site.runs["success"]]["colour"] == "green"
+    assert by_id[site.runs["failure"]]["status"] == "failure"
+    assert by_id[site.runs["failure"]]["colour"] == "red"
+    assert by_id[site.runs["interrupted"]]["status"] == "interrupted"
+    assert by_id[site.runs["interrupted"]]["colour"] == "orange"
+    assert by_id[site.runs["failure"]]["jobName"] == "weekly full"
+    assert by_id[site.runs["success"]]["size"] > 0
+
+
+def test_filters_by_job_status_vm_and_text(site: Site):
+    with site.client() as client:
+
+        def ids(**params: object) -> set[str]:
+            answer = client.get("/api/runs", params={"limit": 0, **params})
+            assert answer.status_code == 200, answer.text
+            return {run["runId"] for run in answer.json()}
+
+        assert site.runs["failure"] in ids(job="weekly full")
+        assert site.runs["success"] not in ids(job="weekly full")
+        assert ids(status="failure") >= {site.runs["failure"]}
+        assert site.runs["success"] not in ids(status="failure,interrupted")
+        assert site.runs["interrupted"] in ids(status="failure,interrupted")
+        last_vm = list(site.vms.values())[-1]  # not in weekly-full's explicit list
+        assert site.runs["success"] in ids(vm=last_vm)
+        assert site.runs["failure"] not in ids(vm=last_vm)
+        assert ids(search="SR_BACKEND_FAILURE_44") == {site.runs["failure"]}
+        bad = client.get("/api/runs", params={"status": "exploded"})
+        assert bad.status_code == 400
+        assert "valid statuses" in bad.json()["detail"]
+
+
+def test_run_detail_has_the_task_tree_sizes_and_warnings(site: Site):
+    with site.client() as client:
+        run = client.get(f"/api/runs/{site.runs['success'][:8]}").json()
+        missing = client.get("/api/runs/ffffffff")
+    assert run["runId"] == site.runs["success"]
+    vms = {task["data"]["name_label"] for task in run["tasks"] if task["name"] == "backup VM"}
+    assert vms == set(site.vms.values())
+    exports = [t for vm in run["tasks"] for t in vm["tasks"] if t["name"] == "export"]
+    assert exports and all(task["size"] > 0 and task["duration"] is not None for task in exports)
+    warnings = [w["message"] for w in run["warnings"]]
+    assert any("offsite" in message for message in warnings), warnings
+    assert run["progress"] is None  # not a run of this server
+    assert missing.status_code == 404
+
+
+def test_jobs_show_schedules_next_runs_and_last_run(site: Site):
+    with site.client() as client:
+        jobs = {job["key"]: job for job in client.get("/api/jobs").json()}
+        schedules = client.get("/api/schedules", params={"count": 2}).json()
+    nightly = jobs["nightly"]
+    assert nightly["mode"] == "delta"
+    assert nightly["remotes"] == ["nas", "offsite"]
+    (schedule,) = nightly["schedules"]
+    assert schedule["cron"] == "0 3 * * *" and schedule["timezone"] == "Europe/Paris"
+    next_ms = schedule["next"][0]["ms"]
+    assert 0 < next_ms - time.time() * 1000 <= 24 * 3600 * 1000
+    assert (
+        schedule["next"][0]["local"].endswith(("+01:00", "+02:00"))
+        and "T03:00:00" in (schedule["next"][0]["local"])
+    )
+    assert jobs["weekly-full"]["lastRun"]["runId"] == site.runs["interrupted"]
+    assert jobs["weekly-full"]["lastRun"]["colour"] == "orange"
+    assert jobs["weekly-full"]["selection"] == {"vms": [next(iter(site.vms))]}
+    assert len(next(s for s in schedules if s["schedule"] == "sundays")["next"]) == 2
+
+
+def test_backups_per_remote_and_unreachable_remote(site: Site):
+    with site.client() as client:
+        listing = client.get("/api/backups").json()
+        one_vm = client.get("/api/backups", params={"vm": next(iter(site.vms.values()))}).json()
+        remotes = client.get("/api/remotes").json()
+    assert {row["vm"] for row in listing["backups"]} == set(site.vms)
+    assert {row["remote"] for row in listing["backups"]} == {"nas"}
+    assert all(row["mode"] == "delta" and row["size"] > 0 for row in listing["backups"])
+    assert {row["vm"] for row in one_vm["backups"]} == {next(iter(site.vms))}
+    (problem,) = listing["errors"]
+    assert problem["remote"] == "offsite" and "127.0.0.1:1" in problem["error"]
+    offsite = next(remote for remote in remotes if remote["name"] == "offsite")
+    assert offsite["url"] == "smb://backup:***@127.0.0.1:1/share"
+
+
+def test_openapi_documents_the_api(site: Site):
+    with site.client() as client:
+        document = client.get("/api/openapi.json").json()
+        docs = client.get("/api/docs")
+    paths = document["paths"]
+    for path in ("/api/jobs", "/api/runs", "/api/runs/{run_id}", "/api/backups", "/api/events"):
+        assert path in paths, path
+    assert "post" in paths["/api/jobs/{job}/run"]
+    assert "409" in paths["/api/jobs/{job}/run"]["post"]["responses"]
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+
+
+def test_no_secret_in_any_page_or_answer(site: Site):
+    paths = [
+        "/",
+        "/backups",
+        f"/runs/{site.runs['success']}",
+        f"/fragments/runs/{site.runs['success']}",
+        "/fragments/runs",
+        "/fragments/jobs",
+        "/api/jobs",
+        "/api/runs?limit=0",
+        f"/api/runs/{site.runs['success']}",
+        "/api/backups",
+        "/api/remotes",
+        "/api/schedules",
+        "/api/openapi.json",
+    ]
+    with site.client() as client:
+        for path in paths:
+            answer = client.get(path)
+            assert answer.status_code == 200, (path, answer.status_code)
+            for secret in SECRETS:
+                assert secret not in answer.text, f"{path} shows a secret"
+    with site.store() as store:  # the test would prove nothing if no page could show one
+        text = repr(store.get_run(site.runs["success"]).to_dict())
+        assert "offsite" in text
+
+
+def test_post_needs_the_csrf_header_and_a_known_job(site: Site):
+    with site.client() as client:
+        forged = client.post("/api/jobs/nightly/run")
+        unknown = client.post("/api/jobs/hourly/run", headers={"X-Requested-With": "xobackup"})
+        rebound = client.get("/api/jobs", headers={"Host": "evil.example:8480"})
+    assert forged.status_code == 403
+    assert unknown.status_code == 404 and "nightly" in unknown.json()["detail"]
+    assert rebound.status_code == 421
