@@ -21,9 +21,23 @@ from xobackup_core.errors import FormatError, RemoteNotFoundError, UsageError
 @click.option(
     "--halted", is_flag=True, help="Restore a memory backup without its memory (a halted VM)."
 )
+@click.option(
+    "--new-mac-addresses",
+    is_flag=True,
+    help="Give the VM's network interfaces new MAC addresses (default: the backed-up ones).",
+)
+@click.option(
+    "--start", is_flag=True, help="Start the VM once restored (a Suspended one is resumed)."
+)
 @pass_app
 def restore_command(
-    app: AppContext, backup: str, sr_uuid: str, pool_name: str | None, halted: bool
+    app: AppContext,
+    backup: str,
+    sr_uuid: str,
+    pool_name: str | None,
+    halted: bool,
+    new_mac_addresses: bool,
+    start: bool,
 ) -> None:
     """Restore BACKUP (REMOTE:PATH, as 'xobackup backups list' prints it) as a new VM."""
     remote_name, path = parse_backup_ref(backup)
@@ -51,11 +65,21 @@ def restore_command(
                 if not pools:
                     continue
                 result = restore_backup(
-                    remote, metadata, driver, sr_uuid=sr_uuid, pool=pools[0], allow_halted=halted
+                    remote,
+                    metadata,
+                    driver,
+                    sr_uuid=sr_uuid,
+                    pool=pools[0],
+                    allow_halted=halted,
+                    new_mac_addresses=new_mac_addresses,
+                    start=start,
                 )
             finally:
                 driver.close()
-            state = "Suspended, with its memory" if result.suspended else "halted"
+            if result.started:
+                state = "resumed, with its memory" if result.suspended else "running"
+            else:
+                state = "Suspended, with its memory" if result.suspended else "halted"
             click.echo(f"restored {result.name} as VM {result.vm_uuid} ({state}) on {server}")
             return
     where = f" in pool {pool_name!r}" if pool_name else ""

@@ -11,7 +11,10 @@
   the user asks for it.
 
 The restored VM is named ``<original name> (<backup date>)`` and tagged
-``restored from backup``.
+``restored from backup``. Its network interfaces keep the MAC addresses they had when backed
+up, or get fresh ones when asked (a plain XVA import makes XAPI pick new MACs, so the backed-up
+ones are read from the archive's ``ova.xml`` and put back). It can then be started (a Suspended
+one is resumed).
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from xobackup_core.engine.repository import BackupMetadata, BackupRepository
-from xobackup_core.errors import UsageError, XobackupError
+from xobackup_core.errors import HypervisorError, UsageError, XobackupError
 from xobackup_core.formats.vhd_chain import open_vhd_chain
 from xobackup_core.formats.vhd_directory import remote_disk_opener
 from xobackup_core.formats.vhd_writer import plan_vhd_stream, vhd_stream
+from xobackup_core.formats.xva import XvaReader
 from xobackup_core.hypervisor import CpuInfo, HypervisorDriver, Pool, StorageRepository
 from xobackup_core.remote import Remote, join_path
 
@@ -104,6 +108,9 @@ class RestoreResult:
     vm_uuid: str
     name: str
     suspended: bool
+    """Restored Suspended, with its memory (before any start)."""
+    started: bool = False
+    """Started (or resumed) after the restore."""
 
 
 def restore_backup(
@@ -114,8 +121,14 @@ def restore_backup(
     sr_uuid: str,
     pool: Pool | None = None,
     allow_halted: bool = False,
+    new_mac_addresses: bool = False,
+    start: bool = False,
 ) -> RestoreResult:
-    """Restore ``backup`` onto SR ``sr_uuid`` of the pool ``driver`` manages."""
+    """Restore ``backup`` onto SR ``sr_uuid`` of the pool ``driver`` manages.
+
+    ``new_mac_addresses`` gives the VM's interfaces fresh MACs instead of the backed-up ones;
+    ``start`` starts the VM afterwards (resumes it when restored Suspended).
+    """
     inventory = driver.inventory()
     srs = {sr.uuid: sr for p in inventory.pools for sr in p.srs}
     if sr_uuid not in srs:
@@ -125,25 +138,84 @@ def restore_backup(
     when = datetime.fromtimestamp(backup.timestamp / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M")
     name = f"{backup.vm_name or backup.vm_uuid} ({when})"
     if backup.mode == "full":
-        vm_uuid = _restore_xva(remote, backup, driver, srs[sr_uuid])
+        vm_uuid = _restore_xva(
+            remote, backup, driver, srs[sr_uuid], new_mac_addresses=new_mac_addresses
+        )
         suspended = False
     else:
         vm_uuid, suspended = _restore_delta(
-            remote, backup, driver, srs[sr_uuid], pool, allow_halted=allow_halted
+            remote,
+            backup,
+            driver,
+            srs[sr_uuid],
+            pool,
+            allow_halted=allow_halted,
+            new_mac_addresses=new_mac_addresses,
         )
     driver.update_vm(vm_uuid, name=name, add_tags=(RESTORED_TAG,))
-    return RestoreResult(vm_uuid, name, suspended)
+    result = RestoreResult(vm_uuid, name, suspended)
+    if start:
+        try:
+            driver.start_vm(vm_uuid)
+        except HypervisorError as error:
+            verb = "resumed" if suspended else "started"
+            raise HypervisorError(
+                f"the backup was restored as VM {vm_uuid} ({name}), but it could not be "
+                f"{verb}: {error}",
+                code=error.code,
+                params=error.params,
+            ) from error
+        result.started = True
+    return result
 
 
 def _restore_xva(
-    remote: Remote, backup: BackupMetadata, driver: HypervisorDriver, sr: StorageRepository
+    remote: Remote,
+    backup: BackupMetadata,
+    driver: HypervisorDriver,
+    sr: StorageRepository,
+    *,
+    new_mac_addresses: bool,
 ) -> str:
     path = backup.xva_path
     if path is None:
         raise XobackupError(f"{backup.path}: a full backup without an XVA")
+    macs = _xva_macs(remote, path)
     size = remote.stat(path).size
     with remote.open_read(path) as stream:
-        return driver.import_vm(stream, sr_uuid=sr.uuid, size=size)
+        vm_uuid = driver.import_vm(stream, sr_uuid=sr.uuid, size=size)
+    if not macs:
+        return vm_uuid
+    try:
+        if new_mac_addresses:
+            # XAPI already picks new MACs on a plain import; make sure no backed-up one stays
+            current = driver.vm_devices(vm_uuid).get("vifs", {}).values()
+            kept = {str(v.get("device")) for v in current if v.get("MAC") in macs.values()}
+            if kept:
+                driver.set_vif_macs(vm_uuid, dict.fromkeys(kept, ""))
+        else:
+            driver.set_vif_macs(vm_uuid, macs)
+    except BaseException:
+        try:
+            driver.destroy_vm(vm_uuid)
+        except XobackupError:
+            pass  # the first error is the one to report
+        raise
+    return vm_uuid
+
+
+def _xva_macs(remote: Remote, path: str) -> dict[str, str]:
+    """The backed-up VM's MAC addresses by VIF device, from the XVA's ``ova.xml`` (the first
+    member: only the archive's head is read)."""
+    with remote.open_read(path) as stream:
+        metadata = XvaReader(stream, name=path, verify=False).metadata
+    vm = metadata.vm()
+    macs: dict[str, str] = {}
+    for ref in vm.snapshot.get("VIFs") or []:
+        vif = metadata.find(str(ref))
+        if vif is not None and vif.cls == "VIF" and vif.snapshot.get("MAC"):
+            macs[str(vif.snapshot.get("device", ""))] = str(vif.snapshot["MAC"])
+    return macs
 
 
 def _chain_stream(remote: Remote, path: str) -> tuple[int, int, Iterator[bytes | memoryview]]:
@@ -169,8 +241,13 @@ def _restore_delta(
     pool: Pool,
     *,
     allow_halted: bool,
+    new_mac_addresses: bool,
 ) -> tuple[str, bool]:
     data = backup.data
+    if new_mac_addresses:
+        # an empty MAC makes the hypervisor generate one (XAPI's VIF.create)
+        vifs = {ref: {**vif, "MAC": ""} for ref, vif in (data.get("vifs") or {}).items()}
+        data = {**data, "vifs": vifs}
     snapshot = dict(data.get("vmSnapshot") or data.get("vm") or {})
     vdis: Mapping[str, Any] = data.get("vdis", {})
     suspend_ref = snapshot.get("suspend_VDI")

@@ -434,7 +434,7 @@ class XapiDriver(HypervisorDriver):
 
         ``{"vbds": {ref: record}, "vdis": {ref: record}, "vifs": {ref: record},
         "networks": {ref: record}}`` — refs as XAPI gave them, so the VM record's ``VBDs`` and
-        ``VIFs`` point into these maps.
+        ``VIFs`` point into these maps. Network records also carry the ``VLAN`` of their PIFs.
         """
         record = self.call("VM.get_record", self._ref("VM", vm_uuid))
         out: dict[str, dict[str, dict[str, Any]]] = {
@@ -454,7 +454,11 @@ class XapiDriver(HypervisorDriver):
         for vif_ref in record.get("VIFs") or []:
             vif = out["vifs"][vif_ref] = self.call("VIF.get_record", vif_ref)
             if not is_null(vif.get("network")) and vif["network"] not in out["networks"]:
-                out["networks"][vif["network"]] = self.call("network.get_record", vif["network"])
+                network = self.call("network.get_record", vif["network"])
+                pifs = network.get("PIFs") or []
+                # XAPI keeps the VLAN tag on the PIFs; restores match networks by name and VLAN
+                network["VLAN"] = _int(self.call("PIF.get_VLAN", pifs[0]), -1) if pifs else -1
+                out["networks"][vif["network"]] = network
         return out
 
     def vdi_record(self, vdi_uuid: str) -> dict[str, Any]:
@@ -813,36 +817,79 @@ class XapiDriver(HypervisorDriver):
         if not vifs:
             return
         sources = dict(metadata.get("networks") or {})
-        targets = self.call("network.get_all_records")
-        by_uuid = {rec["uuid"]: ref for ref, rec in targets.items()}
-        by_name = {rec.get("name_label"): ref for ref, rec in targets.items()}
+        chooser = _NetworkChooser(self._networks_with_vlans(), networks)
         for vif in vifs.values():
             source = sources.get(vif.get("network"), {})
-            source_uuid = source.get("uuid") or vif.get("$network$uuid")
-            network = (
-                by_uuid.get(networks.get(source_uuid, ""))
-                or by_uuid.get(source_uuid or "")
-                or by_name.get(source.get("name_label"))
-                or next(iter(targets), None)
+            network = chooser.choose(
+                vif.get("$network$uuid") or source.get("uuid"),
+                vif.get("$network$name_label", source.get("name_label")),
+                _int(vif.get("$network$VLAN", source.get("VLAN")), -1),
             )
             if network is None:
                 return
-            self.call(
-                "VIF.create",
-                {
-                    "VM": vm,
-                    "network": network,
-                    "device": str(vif.get("device", "0")),
-                    "MAC": vif.get("MAC", ""),
-                    "MTU": _int(vif.get("MTU"), 1500),
-                    "other_config": dict(vif.get("other_config") or {}),
-                    "qos_algorithm_type": vif.get("qos_algorithm_type", ""),
-                    "qos_algorithm_params": dict(vif.get("qos_algorithm_params") or {}),
-                    "locking_mode": vif.get("locking_mode", "network_default"),
-                    "ipv4_allowed": list(vif.get("ipv4_allowed") or []),
-                    "ipv6_allowed": list(vif.get("ipv6_allowed") or []),
-                },
-            )
+            self._create_vif(vm, network, vif, str(vif.get("MAC", "")))
+
+    def _networks_with_vlans(self) -> dict[str, dict[str, Any]]:
+        """The pool's network records, each with the ``VLAN`` of its PIFs (-1 untagged, None
+        for a network without PIF such as a host-internal one)."""
+        records = self.call("network.get_all_records")
+        try:
+            pifs = self.call("PIF.get_all_records")
+        except HypervisorError as error:
+            if error.code != "MESSAGE_METHOD_UNKNOWN":
+                raise
+            pifs = {}
+        vlans: dict[str, int] = {}
+        for pif in pifs.values():
+            vlans.setdefault(pif.get("network", ""), _int(pif.get("VLAN"), -1))
+        return {ref: {**rec, "VLAN": vlans.get(ref)} for ref, rec in records.items()}
+
+    def _create_vif(self, vm: str, network: str, vif: Mapping[str, Any], mac: str) -> str:
+        """``VIF.create`` with a source VIF's settings; ``mac`` "" lets XAPI pick one."""
+        return self.call(
+            "VIF.create",
+            {
+                "VM": vm,
+                "network": network,
+                "device": str(vif.get("device", "0")),
+                "MAC": mac,
+                "MTU": _int(vif.get("MTU"), 1500),
+                "other_config": dict(vif.get("other_config") or {}),
+                "qos_algorithm_type": vif.get("qos_algorithm_type", ""),
+                "qos_algorithm_params": dict(vif.get("qos_algorithm_params") or {}),
+                "locking_mode": vif.get("locking_mode", "network_default"),
+                "ipv4_allowed": list(vif.get("ipv4_allowed") or []),
+                "ipv6_allowed": list(vif.get("ipv6_allowed") or []),
+            },
+        )
+
+    def set_vif_macs(self, vm_uuid: str, macs: Mapping[str, str]) -> None:
+        """Give a Halted VM's VIFs these MACs by device ("" for a fresh one).
+
+        XAPI has no call to change a VIF's MAC, so each VIF to change is destroyed and created
+        again on the same network with the same settings and the new MAC.
+        """
+        vm = self._ref("VM", vm_uuid)
+        for ref in self.call("VM.get_VIFs", vm):
+            vif = self.call("VIF.get_record", ref)
+            device = str(vif.get("device", ""))
+            if device not in macs:
+                continue
+            mac = macs[device]
+            if mac and mac.lower() == str(vif.get("MAC", "")).lower():
+                continue
+            self.call("VIF.destroy", ref)
+            self._create_vif(vm, vif["network"], vif, mac)
+
+    def start_vm(self, vm_uuid: str) -> None:
+        """``VM.start`` a Halted VM, ``VM.resume`` a Suspended one (XAPI checks the CPU)."""
+        vm = self._ref("VM", vm_uuid)
+        state = self.call("VM.get_power_state", vm)
+        if state == "Suspended":
+            self.call_async("VM.resume", vm, False, False)
+        else:
+            # a Running or Paused VM gets XAPI's own VM_BAD_POWER_STATE
+            self.call_async("VM.start", vm, False, False)
 
     # -- destroy --------------------------------------------------------------------------------
     def destroy_vm(self, vm_uuid: str, *, with_disks: bool = True) -> None:
@@ -966,3 +1013,29 @@ def _remaining(stream: Any) -> int | None:
         return info.st_size - stream.tell()
     except (AttributeError, OSError, ValueError):
         return None
+
+
+class _NetworkChooser:
+    """Where a restored VIF goes: the network the user mapped its source to, else the one
+    with the source's UUID, else the one with its name on the same VLAN, else another
+    network on that VLAN, else the pool's first network with a PIF (as XO does)."""
+
+    def __init__(self, records: Mapping[str, Mapping[str, Any]], mapping: Mapping[str, str]):
+        self.mapping = mapping
+        self.by_uuid = {rec["uuid"]: ref for ref, rec in records.items()}
+        self.by_vlan: dict[int, dict[str, str]] = {}
+        for ref, rec in sorted(records.items(), key=lambda item: item[1].get("name_label", "")):
+            if rec.get("VLAN") is not None:
+                self.by_vlan.setdefault(rec["VLAN"], {}).setdefault(rec.get("name_label"), ref)
+        untagged = self.by_vlan.get(-1) or next(iter(self.by_vlan.values()), {})
+        self.default = next(iter(untagged.values()), None) or next(iter(records), None)
+
+    def choose(self, uuid: str | None, name: str | None, vlan: int) -> str | None:
+        if uuid and self.mapping.get(uuid) in self.by_uuid:
+            return self.by_uuid[self.mapping[uuid]]
+        if uuid and uuid in self.by_uuid:
+            return self.by_uuid[uuid]
+        same_vlan = self.by_vlan.get(vlan)
+        if same_vlan:
+            return same_vlan.get(name) or next(iter(same_vlan.values()))
+        return self.default
