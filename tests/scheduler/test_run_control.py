@@ -26,6 +26,29 @@ class FakeTime:
         return self.now
 
 
+def test_check_reads_cancel_requests_at_most_every_interval(tmp_path, monkeypatch):
+    """Streams call check() per chunk: it must not read SQLite each time, yet it must see a
+    cancel request soon after it is made (here with no watcher thread running)."""
+    from xobackup_core.scheduler import guard as guard_module
+
+    reads = []
+    real = guard_module.cancel_request
+    monkeypatch.setattr(
+        guard_module, "cancel_request", lambda *args: reads.append(1) or real(*args)
+    )
+    with LogStore(tmp_path / "logs.sqlite") as store:
+        recorder = store.start_run("job-1", "nightly", heartbeat_interval=None)
+        guard = RunGuard(store, recorder.run_id)  # not entered: no watcher thread
+        for _ in range(2000):
+            guard.check()
+        assert 1 <= len(reads) <= 3
+        request_cancel(store, recorder.run_id, by="alice")
+        with pytest.raises(CancelledError, match="cancelled by alice"):
+            for _ in range(10**7):
+                guard.check()
+        recorder.finish()
+
+
 def test_deadline_names_what_ran_out_and_bounds_its_children():
     clock = FakeTime()
     job = Deadline(7200, what="job 'nightly'", clock=clock)

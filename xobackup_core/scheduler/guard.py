@@ -28,6 +28,7 @@ Usage in the engine::
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -103,6 +104,10 @@ class Deadline:
             )
 
 
+CHECK_STORE_INTERVAL = 0.25
+"""Seconds between two reads of the cancel requests by ``RunGuard.check``."""
+
+
 class RunGuard:
     """Watches one run for a cancel request and for its deadline (see the module doc)."""
 
@@ -126,6 +131,7 @@ class RunGuard:
         self._done = threading.Event()
         self._wakeup = threading.Event()  # a new deadline to watch, or the end
         self._thread: threading.Thread | None = None
+        self._store_read_at = -math.inf  # monotonic time of the last read of cancel requests
 
     def on_stop(self, callback: Callable[[XobackupError], None]) -> Callable[[], None]:
         """Call ``callback(error)`` when the run must stop (at once if it already must).
@@ -184,14 +190,23 @@ class RunGuard:
         return self.error is not None
 
     def check(self) -> None:
-        """Raise the reason to stop, if there is one (poll now rather than wait)."""
+        """Raise the reason to stop, if there is one (poll now rather than wait).
+
+        Streams call this for every chunk they move: the deadline is looked at each time, the
+        log store at most every ``CHECK_STORE_INTERVAL`` seconds, since a read of SQLite per
+        chunk would cost more than the copy of the chunk itself.
+        """
         if self.error is None:
-            self.poll()
+            self.poll(store_within=CHECK_STORE_INTERVAL)
         if self.error is not None:
             raise self.error
 
-    def poll(self) -> XobackupError | None:
-        """Look at the deadline and the cancel requests once; the reason to stop, if any."""
+    def poll(self, *, store_within: float = 0.0) -> XobackupError | None:
+        """Look at the deadline and the cancel requests once; the reason to stop, if any.
+
+        ``store_within``: skip the cancel requests when they were read less than that many
+        seconds ago.
+        """
         if self.error is not None:
             return self.error
         reason: XobackupError | None = None
@@ -199,7 +214,9 @@ class RunGuard:
             self.deadline.check()
         except RunTimeoutError as error:
             reason = error
-        if reason is None and self.store is not None:
+        now = time.monotonic()
+        if reason is None and self.store is not None and now - self._store_read_at >= store_within:
+            self._store_read_at = now
             try:
                 request = cancel_request(self.store, self.run_id)
             except Exception:  # a busy log must not stop a backup
