@@ -3,6 +3,7 @@ bit for bit against the source snapshots, on a two-pool simulator."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import pytest
@@ -17,6 +18,7 @@ from xobackup_core.engine.replication import (
     START_BLOCKED,
     SrTarget,
     check_memory_target,
+    missing_cpu_features,
 )
 from xobackup_core.errors import XobackupError
 from xobackup_core.hypervisor import CpuInfo, Host, Pool, StorageRepository, Vm
@@ -52,7 +54,19 @@ class Pools:
         self.target.close()
 
     def content(self, vdi):
-        return self.sim.read(vdi, 0, self.sim.vdi_data(vdi).size)
+        """A digest of the VDI's content (its non-zero 2 MiB blocks and where they are):
+        memory images are GiBs of mostly zeros."""
+        data = self.sim.vdi_data(vdi)
+        digest = hashlib.sha256(str(data.size).encode())
+        for index in data.allocated():
+            block = data.read_block(index)
+            if block is not None and block.count(0) != len(block):
+                digest.update(index.to_bytes(8, "big") + block)
+        return digest.hexdigest()
+
+    def used_blocks(self, vdi):
+        data = self.sim.vdi_data(vdi)
+        return [i for i in data.allocated() if (data.read_block(i) or b"\0").count(0) < 2 * MiB]
 
     def replicas(self, tag, job_id):
         return sorted(
@@ -438,7 +452,84 @@ def test_copy_retention_zero_skips_replication_for_that_schedule(pools):
     assert list(harness.remote_dir.rglob("*.xva"))
 
 
-def test_each_memory_run_makes_a_new_replica_and_rotates_the_old(pools):
+def sr_transfers(harness, run_id):
+    """{disk name: (isFull, bytes)} of the transfers to SRs of a run (from its task log)."""
+    found = {}
+
+    def walk(task):
+        data = task.get("data") or {}
+        if task.get("name") == "export" and data.get("type") == "SR":
+            assert data.get("disk") not in found
+            found[data.get("disk")] = (data.get("isFull"), task.get("size"))
+        for child in task.get("tasks") or []:
+            walk(child)
+
+    for task in harness.store.get_run(run_id).to_dict().get("tasks") or []:
+        walk(task)
+    return found
+
+
+def test_memory_replication_is_incremental(pools):
+    harness, sim = pools.harness, pools.sim
+    config = harness.config(
+        {
+            "ram": {
+                "mode": "delta",
+                "remotes": ["nas"],
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "settings": {"checkpointSnapshot": True, "copyRetention": 2, "exportRetention": 5},
+            }
+        }
+    )
+    job = job_id(harness, config, "ram")
+    vdi = pools.vm.disks[0].vdi_uuid
+    first = harness.run(config, "ram")
+    assert first.status == "success"
+    [replica] = pools.replicas(CR_TAG, job)
+    assert replica.power_state == "Suspended"
+    memories = {pools.content(replica.suspend_vdi_uuid)}
+    transfers = sr_transfers(harness, first.run_id)
+    assert [full for full, _ in transfers.values()] == [True, True]
+
+    for run in range(3):
+        changed = set(sim.randomize_blocks(vdi, 0.1, seed=20 + run))
+        if run == 1:
+            # stale data where the new memory image has none: it must not survive the update
+            sim.write(replica.suspend_vdi_uuid, 2 * MiB + 512, b"\x5a" * 4096)
+        outcome = harness.run(config, "ram")
+        assert outcome.status == "success"
+        [again] = pools.replicas(CR_TAG, job)
+        assert again.uuid == replica.uuid  # updated in place, not made anew
+        assert again.power_state == "Suspended"
+        checkpoint = pools.job_snapshots()[-1]
+        assert checkpoint.suspend_vdi_uuid
+        memory = pools.content(again.suspend_vdi_uuid)
+        used = pools.used_blocks(checkpoint.suspend_vdi_uuid)
+        assert memory == pools.content(checkpoint.suspend_vdi_uuid)
+        assert memory not in memories  # this run's memory image, not an old one
+        memories.add(memory)
+        assert pools.content(again.disks[0].vdi_uuid) == pools.content(checkpoint.disks[0].vdi_uuid)
+        transfers = sr_transfers(harness, outcome.run_id)
+        disk_full, disk_size = transfers.pop(pools.vm.disks[0].name)
+        # only the changed 2 MiB blocks of the disk travelled (plus the VHD's structures)...
+        assert not disk_full
+        assert len(changed) * 2 * MiB <= disk_size < (len(changed) + 1) * 2 * MiB
+        # ...and the whole memory image
+        [(memory_full, memory_size)] = transfers.values()
+        assert memory_full and memory_size >= len(used) * 2 * MiB
+    replica_snapshots = [
+        v for v in pools.target.inventory().vms if v.is_snapshot and v.snapshot_of == replica.uuid
+    ]
+    assert len(replica_snapshots) == 2  # copyRetention
+    # the remote got the same exports: one disk VHD and one memory VHD per run
+    assert len(list(harness.remote_dir.rglob("*.vhd"))) == 8
+    # the updated replica resumes where the VM was at the last checkpoint
+    resume(pools.target, replica.uuid)
+    assert pools.target.inventory().vm(replica.uuid).power_state == "Running"
+
+
+def test_a_memory_replica_is_made_anew_when_its_vm_no_longer_matches(pools):
     harness = pools.harness
     config = harness.config(
         {
@@ -453,13 +544,107 @@ def test_each_memory_run_makes_a_new_replica_and_rotates_the_old(pools):
     job = job_id(harness, config, "ram")
     assert harness.run(config, "ram").status == "success"
     [first] = pools.replicas(CR_TAG, job)
-    pools.sim.randomize_blocks(pools.vm.disks[0].vdi_uuid, 0.2, seed=7)
-    assert harness.run(config, "ram").status == "success"
-    [second] = pools.replicas(CR_TAG, job)
+    # someone resumes the replica's memory and suspends it again: a new suspend VDI
+    pools.target.update_vm(first.uuid, blocked_operations={"start": None, "start_on": None})
+    resume(pools.target, first.uuid)
+    pools.target.call("VM.suspend", pools.target._ref("VM", first.uuid))
+    pools.target.update_vm(
+        first.uuid, blocked_operations={"start": START_BLOCKED, "start_on": START_BLOCKED}
+    )
+    outcome = harness.run(config, "ram")
+    assert outcome.status == "success"
+    assert "resumed and suspended again" in str(harness.store.get_run(outcome.run_id).to_dict())
+    replicas = pools.replicas(CR_TAG, job)
+    assert len(replicas) == 2
+    second = replicas[-1]
     assert second.uuid != first.uuid and second.power_state == "Suspended"
     checkpoint = pools.job_snapshots()[-1]
-    assert pools.content(second.disks[0].vdi_uuid) == pools.content(checkpoint.disks[0].vdi_uuid)
     assert pools.content(second.suspend_vdi_uuid) == pools.content(checkpoint.suspend_vdi_uuid)
+    # a run without memory never feeds a Suspended replica: a Halted one is made
+    plain = harness.config(
+        {"ram": {"mode": "delta", "srs": [pools.sr.uuid], "vms": [pools.vm.uuid]}}
+    )
+    assert harness.run(plain, "ram").status == "success"
+    newest = pools.replicas(CR_TAG, job)[-1]
+    assert newest.uuid not in {first.uuid, second.uuid}
+    assert newest.power_state == "Halted"
+    # copyRetention 1: the superseded Suspended replica went; the resumed one is the user's
+    left = {v.uuid for v in pools.target.inventory().vms}
+    assert second.uuid not in left and first.uuid in left
+
+
+def test_bypass_cpu_check_replicates_with_a_warning(pools):
+    harness, sim = pools.harness, pools.sim
+    jobs = {
+        "ram": {
+            "mode": "delta",
+            "srs": [pools.sr.uuid],
+            "vms": [pools.vm.uuid],
+            "settings": {"checkpointSnapshot": True},
+        }
+    }
+    [host] = pools.target.inventory().pools[0].hosts
+    sim.set_host_cpu(host.uuid, "AuthenticAMD")
+    refused = harness.run(harness.config(jobs), "ram")
+    assert refused.status == "failure"
+    text = str(harness.store.get_run(refused.run_id).to_dict())
+    assert "Intel(R) Xeon(R)" in text and "AMD EPYC" in text and "bypassCpuCheck" in text
+    jobs["ram"]["settings"]["bypassCpuCheck"] = True
+    config = harness.config(jobs)
+    job = job_id(harness, config, "ram")
+    for _ in range(2):
+        outcome = harness.run(config, "ram")
+        assert outcome.status == "success"
+        run = harness.store.get_run(outcome.run_id).to_dict()
+        warnings = [w for w in _warnings(run) if "bypassCpuCheck" in w]
+        assert warnings and "Intel(R) Xeon(R)" in warnings[0] and "AMD EPYC" in warnings[0]
+        [replica] = pools.replicas(CR_TAG, job)
+        assert replica.power_state == "Suspended"
+        checkpoint = pools.job_snapshots()[-1]
+        assert pools.content(replica.suspend_vdi_uuid) == pools.content(checkpoint.suspend_vdi_uuid)
+    # as warned: XAPI refuses to resume it unless forced
+    with pytest.raises(Exception, match="VM_INCOMPATIBLE_WITH_THIS_HOST"):
+        resume(pools.target, replica.uuid)
+
+
+def _warnings(run):
+    found = []
+
+    def walk(task):
+        for warning in task.get("warnings") or []:
+            found.append(str(warning.get("message", warning)))
+        for child in task.get("tasks") or []:
+            walk(child)
+
+    walk(run)
+    for task in run.get("tasks") or []:
+        walk(task)
+    return found
+
+
+def test_cpu_check_names_both_cpus_and_the_missing_features():
+    sr = StorageRepository("sr-1", "Shared storage", "pool-1")
+    host_cpu = CpuInfo("GenuineIntel", features_hvm="00000001-00000000", model_name="Old Xeon")
+    host = Host("h1", "host 1", "pool-1", host_cpu)
+    pool = Pool("pool-1", "dr", "xcp-ng", hosts=(host,), srs=(sr,))
+    flags = {"vendor": "GenuineIntel", "features": "00000011-00000100"}
+    vm = Vm("vm-1", "web", "pool-0", "Running", last_boot_cpu_flags=flags)
+    source = CpuInfo("GenuineIntel", model_name="New Xeon")
+    with pytest.raises(XobackupError) as refused:
+        check_memory_target(vm, vm, SrTarget(sr, pool, driver=None), source_cpu=source)
+    message = str(refused.value)
+    assert "New Xeon" in message and "Old Xeon" in message
+    assert "missing CPU features 00000010-00000100" in message
+    assert "word 0 bit 4, word 1 bit 8" in message
+    forced = check_memory_target(
+        vm, vm, SrTarget(sr, pool, driver=None), source_cpu=source, force=True
+    )
+    assert forced and "missing CPU features 00000010-00000100" in forced
+    assert missing_cpu_features("0000000f", "0000000f-ffffffff") == ""
+    # a Citrix pool cannot create a Suspended VM: forcing does not change that
+    citrix = Pool("pool-1", "ch", "citrix", hosts=(host,), srs=(sr,))
+    with pytest.raises(XobackupError, match="only XCP-ng"):
+        check_memory_target(vm, vm, SrTarget(sr, citrix, driver=None), force=True)
 
 
 def test_a_running_replica_is_left_alone(pools):

@@ -14,8 +14,11 @@ Xen Orchestra's semantics (reference: xo-backups.md §1.3, §1.4, §6, §7):
   run is left alone and a new one is made (the reason is logged).
 * **RAM** (``checkpointSnapshot``): the checkpoint's memory image is replicated too and the
   replica is created Suspended (XCP-ng only), after checking that a host of the target pool
-  has a CPU able to resume it. A Suspended replica cannot get a new memory image in place, so
-  each run with memory makes a new replica from full disks.
+  has a CPU able to resume it (``bypassCpuCheck`` turns the refusal into a warning). Later
+  runs update the Suspended replica in place: the disks by delta, the memory image whole into
+  the replica's own suspend VDI (so the replica stays Suspended; XAPI cannot swap a suspend
+  VDI for a different one). A new replica is made when the VM's CPU flags or memory size
+  changed, or the replica was resumed since.
 
 Every replica has ``start``/``start_on`` blocked, the ``xo:backup:*`` keys of its job in
 ``other_config`` (so the job never selects it), and its HA restart priority cleared (tag
@@ -37,7 +40,14 @@ from xobackup_core.errors import XobackupError
 from xobackup_core.formats.vhd_stream import VhdStreamReader
 from xobackup_core.formats.vhd_structs import build_footer, full_bitmap
 from xobackup_core.formats.vhd_writer import ParentLink, VhdStreamLayout, plan_vhd_stream
-from xobackup_core.hypervisor import Disk, HypervisorDriver, Pool, StorageRepository, Vm
+from xobackup_core.hypervisor import (
+    CpuInfo,
+    Disk,
+    HypervisorDriver,
+    Pool,
+    StorageRepository,
+    Vm,
+)
 
 START_BLOCKED = "Start operation for this vm is blocked, clone it if you want to use it."
 DR_TAG = "Disaster Recovery"
@@ -45,6 +55,9 @@ CR_TAG = "Continuous Replication"
 HA_DISABLED_TAG = "HA disabled"
 REPLICATED_KEY = "xo:backup:replicated"
 """On a CR replica: the source snapshot whose content its disks hold (the delta marker)."""
+MEMORY_KEY = "xo:backup:replicatedMemory"
+"""On a Suspended CR replica: the suspend VDI the job wrote (a new one means it was resumed
+and suspended again since)."""
 
 QUEUE_CHUNKS = 4
 _DONE = object()
@@ -145,12 +158,53 @@ def doomed_replicas(replicas: Sequence[Vm], keep: int, newest: str | None = None
     return list(ordered[: max(len(ordered) - keep, 0)])
 
 
-def check_memory_target(vm: Vm, snapshot: Vm, target: SrTarget, *, create: bool = True) -> None:
+def missing_cpu_features(vm_features: str, host_features: str) -> str:
+    """The feature bits a VM uses that a host lacks, in XAPI's dashed-hex form (``""`` when
+    none), words aligned as XAPI does: the VM's words padded or cut to the host's count."""
+    host_words = [int(w, 16) for w in host_features.split("-") if w.strip()]
+    vm_words = [int(w, 16) for w in vm_features.split("-") if w.strip()]
+    if not vm_words:
+        return ""
+    if not host_words:
+        return "-".join(f"{w:08x}" for w in vm_words)
+    vm_words = (vm_words + [0] * len(host_words))[: len(host_words)]
+    missing = [v & ~h for v, h in zip(vm_words, host_words, strict=True)]
+    return "-".join(f"{w:08x}" for w in missing) if any(missing) else ""
+
+
+def describe_bits(mask: str) -> str:
+    """``00000001-00000010`` → ``word 0 bit 0, word 1 bit 4`` (words as XAPI numbers them)."""
+    bits = []
+    for word, value in enumerate(int(w, 16) for w in mask.split("-") if w.strip()):
+        bits += [f"word {word} bit {bit}" for bit in range(32) if value >> bit & 1]
+    return ", ".join(bits)
+
+
+def describe_cpu(cpu: CpuInfo | None, vendor: str = "") -> str:
+    """``Intel(R) Xeon(R) ... (GenuineIntel)``, or the vendor alone when the model is unknown."""
+    if cpu is None:
+        return vendor or "unknown vendor"
+    if cpu.model_name:
+        return f"{cpu.model_name} ({cpu.vendor or vendor})"
+    return cpu.vendor or vendor or "unknown vendor"
+
+
+def check_memory_target(
+    vm: Vm,
+    snapshot: Vm,
+    target: SrTarget,
+    *,
+    create: bool = True,
+    force: bool = False,
+    source_cpu: CpuInfo | None = None,
+) -> str | None:
     """Refuse RAM replication a target pool could never resume (XAPI's resume check).
 
     ``create``: the replica is made with ``VM.create`` (continuous replication), which only
     XCP-ng can do for a Suspended VM; an XVA import (disaster recovery) keeps the power state
-    on every flavour.
+    on every flavour. ``force`` (setting ``bypassCpuCheck``): an incompatible CPU does not
+    raise, the message is returned for the run's log instead. ``source_cpu``: the CPU of the
+    host the VM runs on, named in the message. Returns None when a host can resume it.
     """
     if create and target.pool.flavour != "xcp-ng":
         raise XobackupError(
@@ -163,15 +217,31 @@ def check_memory_target(vm: Vm, snapshot: Vm, target: SrTarget, *, create: bool 
         raise XobackupError(f"pool {target.pool.name} has no host to resume the replica")
     verdicts = [(h, check_cpu(flags, h.cpu)) for h in target.pool.hosts]
     if any(v.compatible for _, v in verdicts):
-        return
+        return None
     host, verdict = verdicts[0]
-    vm_cpu = flags.get("vendor", "unknown vendor")
-    host_cpu = host.cpu.model_name or host.cpu.vendor
+    vendor = flags.get("vendor", "")
+    vm_features = flags.get("features", "")
     host_features = host.cpu.features_hvm or host.cpu.features
-    raise XobackupError(
+    missing = missing_cpu_features(vm_features, host_features)
+    if vendor and host.cpu.vendor and vendor != host.cpu.vendor:
+        lacking = f"another vendor ({vendor} vs {host.cpu.vendor})"
+        if missing:
+            lacking += f", and missing CPU features {missing} ({describe_bits(missing)})"
+    elif missing:
+        lacking = f"missing CPU features {missing} ({describe_bits(missing)})"
+    else:
+        lacking = verdict.reason
+    message = (
         f"no host of pool {target.pool.name} can resume the replica of {vm.name} with its "
-        f"memory: the VM runs on a {vm_cpu} CPU (features {flags.get('features', '')}), "
-        f"host {host.name} has a {host_cpu} CPU (features {host_features}): {verdict.reason}"
+        f"memory: the VM runs on a {describe_cpu(source_cpu, vendor)} CPU (features "
+        f"{vm_features or 'unknown'}), host {host.name} has a {describe_cpu(host.cpu)} CPU "
+        f"(features {host_features or 'unknown'}): {lacking}; {verdict.reason}"
+    )
+    if force:
+        return message
+    raise XobackupError(
+        f"{message} (setting bypassCpuCheck replicates anyway; the replica then resumes only "
+        "when forced)"
     )
 
 
@@ -255,11 +325,22 @@ class VhdUploadSink:
     """A disk export written as one VHD stream into a VDI import (the CR twin of a
     :class:`~xobackup_core.engine.disk_sinks.VhdFileSink`)."""
 
-    def __init__(self, driver: HypervisorDriver, vdi_uuid: str, layout: VhdStreamLayout) -> None:
+    def __init__(
+        self,
+        driver: HypervisorDriver,
+        vdi_uuid: str,
+        layout: VhdStreamLayout,
+        zero_blocks: Sequence[int] = (),
+    ) -> None:
+        """``zero_blocks``: blocks of ``layout`` the export does not carry, written as zeros
+        (a VHD import only writes the blocks it carries: this clears what the VDI held)."""
         self.vdi_uuid = vdi_uuid
         self.layout = layout
         self.path = vdi_uuid
         self._bitmap = full_bitmap(layout.header.block_size)
+        self._zeros = sorted(zero_blocks)
+        self._next_zero = 0
+        self._zero = bytes(layout.header.block_size) if self._zeros else b""
         self._pipe = UploadPipe(f"import into VDI {vdi_uuid}")
         reader = self._pipe.reader()
         self._pipe.start(
@@ -276,11 +357,23 @@ class VhdUploadSink:
     def size(self) -> int:
         return self.layout.stream_size
 
+    def _fill(self, below: int | None) -> None:
+        """Push the zero blocks that come before block ``below`` (all of them: None)."""
+        while self._next_zero < len(self._zeros) and (
+            below is None or self._zeros[self._next_zero] < below
+        ):
+            self._pipe.push(self._bitmap)
+            self._pipe.push(self._zero)
+            self._next_zero += 1
+
     def put(self, index: int, data: bytes | memoryview) -> None:
+        if self._zeros:
+            self._fill(index)
         self._pipe.push(self._bitmap)
         self._pipe.push(data)
 
     def finish(self) -> None:
+        self._fill(None)
         self._pipe.push(build_footer(self.layout.footer))
         self._pipe.finish()
 
@@ -304,6 +397,9 @@ class CrPlan:
 
     target: SrTarget
     replica: Vm | None
+    memory_vdi: str | None = None
+    """The suspend VDI of a Suspended replica updated in place: the new memory image goes
+    into it."""
     disks: dict[str, CrDisk] = field(default_factory=dict)
     """By live VDI UUID (the suspend VDI's own UUID for the memory image)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -375,10 +471,33 @@ class Replication:
     def copy_retention(self) -> int:
         return int(self.backup.settings["copyRetention"] or 0)
 
+    def source_cpu(self) -> CpuInfo | None:
+        """The CPU of the host the VM runs on, when the inventory tells."""
+        b = self.backup
+        inventory = getattr(b, "inventory", None)
+        if inventory is None or not b.vm.resident_on:
+            return None
+        for pool in inventory.pools:
+            for host in pool.hosts:
+                if host.uuid == b.vm.resident_on:
+                    return host.cpu
+        return None
+
     def check_memory(self, *, create: bool = True) -> None:
-        """Before any transfer: each SR's pool must be able to resume a memory replica."""
+        """Before any transfer: each SR's pool must be able to resume a memory replica,
+        unless the job forces it (``bypassCpuCheck``): then the run warns and goes on."""
+        b = self.backup
+        force = bool(b.settings.get("bypassCpuCheck"))
         for target in self.live:
-            check_memory_target(self.backup.vm, self.backup.vm, target, create=create)
+            warning = check_memory_target(
+                b.vm, b.vm, target, create=create, force=force, source_cpu=self.source_cpu()
+            )
+            if warning:
+                b.task.warning(
+                    f"bypassCpuCheck: replicating to {target.label} anyway, but {warning}; "
+                    "the replica resumes there only when forced",
+                    {"sr": target.key},
+                )
 
     def plan_dr(self, memory: bool) -> None:
         """Before the snapshot: a checkpoint's XVA imports as a Suspended replica, which a
@@ -503,6 +622,8 @@ class Replication:
             except XobackupError as error:
                 why = f"its replica could not be checked: {error}"
             plan = CrPlan(target, replica)
+            if replica is not None and memory:
+                plan.memory_vdi = replica.suspend_vdi_uuid
             if replica is not None:
                 by_device = {d.device: d for d in replica.disks}
                 for disk in disks:
@@ -516,6 +637,7 @@ class Replication:
         if base is None:
             for plan in self.plans.values():
                 plan.replica = None
+                plan.memory_vdi = None
                 plan.disks.clear()
         return base, reason
 
@@ -544,8 +666,14 @@ class Replication:
                 "alone and a new replica is made"
             )
             return None, f"the replica is {replica.power_state}"
-        if memory or replica.suspend_vdi_uuid:
-            return None, "a replica with memory is made anew from full disks"
+        if memory and not replica.suspend_vdi_uuid:
+            return None, "this run replicates memory and the replica has none (it is Halted)"
+        if replica.suspend_vdi_uuid and not memory:
+            return None, "the replica is Suspended with memory and this run has none"
+        if memory:
+            why = self.memory_mismatch(target, replica)
+            if why:
+                return None, why
         if base is None:
             return None, "no base"
         if replica.other_config.get(REPLICATED_KEY) != base.uuid:
@@ -572,6 +700,31 @@ class Replication:
             )
             return None, "the replica's disks changed"
         return replica, ""
+
+    def memory_mismatch(self, target: SrTarget, replica: Vm) -> str:
+        """Why a Suspended replica cannot take this run's memory image in place ("" if it
+        can): it was resumed since, or the VM's CPU or memory size are no longer those the
+        replica was created with (a replica's CPU flags and memory cannot be changed)."""
+        vm = self.backup.vm
+        written = replica.other_config.get(MEMORY_KEY)
+        if written and written != replica.suspend_vdi_uuid:
+            self.release(target, replica)
+            self.backup.task.warning(
+                f"replica {replica.name} on {target.label} was resumed and suspended again "
+                "since the last replication: it is left alone and a new replica is made"
+            )
+            return "the replica was resumed since the last replication"
+        flags = vm.last_boot_cpu_flags
+        if (
+            flags
+            and replica.last_boot_cpu_flags
+            and dict(flags) != dict(replica.last_boot_cpu_flags)
+        ):
+            return "the VM booted on another CPU since the replica was made"
+        size = vm.record.get("memory_static_max")
+        if size is not None and replica.record.get("memory_static_max") not in (None, size):
+            return "the VM's memory size changed since the replica was made"
+        return ""
 
     def release(self, target: SrTarget, replica: Vm) -> None:
         """A replica someone started or changed leaves the job's rotation: it is never
@@ -616,7 +769,16 @@ class Replication:
             try:
                 with plan.lock:
                     entry = plan.disks.get(disk.vdi_uuid)
-                if entry is not None and base_disk is not None:
+                zeros: list[int] = []
+                if is_memory and plan.replica is not None and plan.memory_vdi:
+                    # the memory image is always whole; blocks the old image used and the new
+                    # one does not are cleared
+                    zeros = self.stale_blocks(target, plan.memory_vdi, size, allocated)
+                    entry = CrDisk(disk.vdi_uuid, plan.memory_vdi, created=False, is_memory=True)
+                    with plan.lock:
+                        plan.disks[disk.vdi_uuid] = entry
+                    layout = plan_vhd_stream(size, [*allocated, *zeros])
+                elif entry is not None and base_disk is not None:
                     layout = plan_vhd_stream(
                         size,
                         allocated,
@@ -635,7 +797,7 @@ class Replication:
                     with plan.lock:
                         plan.disks[disk.vdi_uuid] = entry
                     layout = plan_vhd_stream(size, allocated)
-                sink = VhdUploadSink(target.driver, entry.replica_vdi, layout)
+                sink = VhdUploadSink(target.driver, entry.replica_vdi, layout, zeros)
             except Exception as error:
                 handle.fail(describe_error(error))
                 self.drop(target, error, "transfer")
@@ -650,6 +812,21 @@ class Replication:
                 )
             )
         return fan_targets
+
+    def stale_blocks(
+        self, target: SrTarget, vdi_uuid: str, size: int, allocated: Sequence[int]
+    ) -> list[int]:
+        """Blocks a VDI holds data in that a new image of ``size`` bytes with ``allocated``
+        blocks leaves empty (read from the VDI's export header, no data)."""
+        with target.driver.export_disk(vdi_uuid) as stream:
+            reader = VhdStreamReader(stream, name=f"suspend VDI {vdi_uuid}")
+            if reader.size != size:
+                raise XobackupError(
+                    f"the memory image ({size} bytes) does not fit the replica's suspend VDI "
+                    f"{vdi_uuid} ({reader.size} bytes)"
+                )
+            held = set(reader.allocated)
+        return sorted(held - set(allocated))
 
     def cr_transferred(self, fan_target: Target) -> None:
         """Close the task of one disk transfer to one SR."""
@@ -672,6 +849,10 @@ class Replication:
             if target.error is not None:
                 self.discard(plan)
                 continue
+            memory = next((e.replica_vdi for e in plan.disks.values() if e.is_memory), None)
+            if plan.replica is not None and plan.memory_vdi and memory is None:
+                self.drop_torn(plan)
+                continue
             try:
                 replica = plan.replica.uuid if plan.replica else self.create(plan, snapshot)
                 keys = self.keys(target, datetime)
@@ -680,7 +861,7 @@ class Replication:
                     replica,
                     name=f"{b.vm.name} - {b.job['name']}",
                     tag=CR_TAG,
-                    other_config={**keys, REPLICATED_KEY: snapshot.uuid},
+                    other_config={**keys, REPLICATED_KEY: snapshot.uuid, MEMORY_KEY: memory},
                 )
                 if ha:
                     b.task.info(f"HA restart priority cleared on the replica on {target.label}")
@@ -693,6 +874,25 @@ class Replication:
                 self.discard(plan)
                 continue
             self.rotate_cr(target, replica, taken.uuid)
+
+    def drop_torn(self, plan: CrPlan) -> None:
+        """The checkpoint fell back to a plain snapshot (the VM stopped meanwhile): the
+        Suspended replica got new disks but no memory image to match, and must never be
+        resumed. It is destroyed with its snapshots; the next run makes a new one."""
+        target, replica = plan.target, plan.replica
+        assert replica is not None
+        error = XobackupError(
+            f"the snapshot has no memory image (the VM was not running any more): Suspended "
+            f"replica {replica.name} got this run's disks without its memory and is destroyed"
+        )
+        self.drop(target, error, "transfer")
+        try:
+            for v in target.driver.inventory().vms:
+                if v.is_snapshot and v.snapshot_of == replica.uuid:
+                    target.driver.destroy_vm(v.uuid)
+            target.driver.destroy_vm(replica.uuid)
+        except XobackupError as failure:
+            self.backup.task.warning(f"destroying replica {replica.name} failed: {failure}")
 
     def create(self, plan: CrPlan, snapshot: Vm) -> str:
         """A new replica VM from the snapshot's records, on the VDIs just written."""
