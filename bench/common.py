@@ -203,6 +203,24 @@ def best_of(runs: int, measure: Callable[[], ChildRun]) -> ChildRun:
     return _best([measure() for _ in range(max(runs, 1))])
 
 
+def then_sync(measure: Callable[[], ChildRun], path: str | os.PathLike[str]) -> ChildRun:
+    """``measure()`` (a reference client that writes ``path``), then ``sync path``.
+
+    Our remotes make a file durable before they publish it (fsync, SMB2 FLUSH, NFS COMMIT,
+    fsync@openssh.com); the usual clients do not, and a file deleted right after such a
+    client wrote it never reaches the disk at all. Timing the sync too compares the same
+    work. ``value`` of the result holds ``{"sync_s": seconds}`` so the plain client's time
+    can be reported beside it.
+    """
+    run = measure()
+    start = time.perf_counter()
+    subprocess.run(["sync", os.fspath(path)], check=True)
+    synced = time.perf_counter() - start
+    return ChildRun(
+        run.seconds + synced, run.peak_rss_mib, value={"sync_s": synced}, cpu_s=run.cpu_s
+    )
+
+
 def compare(
     runs: int, ours: Callable[[], ChildRun], reference: Callable[[], ChildRun]
 ) -> tuple[ChildRun, ChildRun]:
