@@ -248,7 +248,9 @@ class VhdDirectory(WritableVhdDisk):
                 field="max_table_entries",
             )
         bat_bytes = -(-header.max_table_entries // 8)
-        bat = bytearray(part("bat", max(bat_bytes, 1) * 2))
+        # Xen Orchestra sizes its ``bat`` at one byte per table entry (only the first
+        # ``bat_bytes`` carry bits), eight times what the bitmap needs: accept that much.
+        bat = bytearray(part("bat", max(bat_bytes * 2, header.max_table_entries, 1)))
         if len(bat) < bat_bytes:
             raise FormatError(
                 f"block bitmap is {len(bat)} bytes, {header.max_table_entries} blocks need "

@@ -99,17 +99,25 @@ def backup_disks(backup: BackupMetadata) -> list[DiskInfo]:
             "chain can be read at random, an XVA cannot)"
         )
     vdis: dict[str, Any] = dict(backup.data.get("vdis") or {})
+    # Xen Orchestra keeps the device on the VBD record (``vbds``, pointing at the VDI by its
+    # key) and ``$snapshot_of$uuid`` beside the VDI record's fields, not in ``other_config``.
+    devices = {
+        str(vbd.get("VDI")): str(vbd.get("userdevice", ""))
+        for vbd in (backup.data.get("vbds") or {}).values()
+        if isinstance(vbd, dict)
+    }
     disks = []
     for key, path in backup.vhd_paths.items():
         record = vdis.get(key) or {}
         other = record.get("other_config") or {}
+        live = record.get("$snapshot_of$uuid") or other.get("$snapshot_of$uuid")
         disks.append(
             DiskInfo(
                 key=key,
                 path=path,
                 name=str(record.get("name_label", "")),
-                device=str(record.get("userdevice", "")),
-                vdi_uuid=str(other.get("$snapshot_of$uuid") or record.get("uuid") or ""),
+                device=str(record.get("userdevice") or devices.get(key, "")),
+                vdi_uuid=str(live or record.get("uuid") or ""),
                 virtual_size=int(record.get("virtual_size") or 0),
             )
         )

@@ -1,0 +1,315 @@
+"""A remote written by Xen Orchestra itself: listed, restored and file-restored as our own.
+
+``tests/fixtures/xo_remote/remote.tar.xz`` was written by XO's backup writers (see
+``tests/fixtures/xo_remote_generator/README.md``): a delta chain on VHD files and one on
+VhdDirectory with brotli blocks (both after an XO retention merge), and full XVA backups with
+their ``.xva.checksum``, each with XO's ``cache.json.gz``. ``expected.json`` holds what each
+backup must restore to, computed from the source images, not by reading the remote.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from xobackup_hypervisor_xcpng.sim import Simulator
+from xobackup_remote_local import LocalRemote
+
+from tests.core.conftest import run_cli
+from tests.engine.conftest import Harness
+from xobackup_core.engine.repository import CACHE_NAME, BackupRepository, format_timestamp
+from xobackup_core.engine.restore import restore_backup
+from xobackup_core.formats.vhd_chain import open_vhd_chain
+from xobackup_core.formats.vhd_directory import VhdDirectory, remote_disk_opener, resolve_alias
+
+MiB = 1024 * 1024
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "xo_remote"
+EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
+VHD_VM = "1f0e2d3c-4b5a-4697-8876-5a4b3c2d1e0f"
+VHDDIR_VM = "2e1d0c9b-8a7f-4e6d-9c5b-4a3f2e1d0c9b"
+XVA_VM = "3c2b1a0f-9e8d-4c7b-8a6f-5e4d3c2b1a0f"
+ALL_BACKUPS = [(vm, backup) for vm, spec in EXPECTED["vms"].items() for backup in spec["backups"]]
+
+
+def extract_remote(folder: Path) -> Path:
+    """A fresh copy of the XO-written remote under ``folder``; returns the remote's root."""
+    with tarfile.open(FIXTURE / "remote.tar.xz") as archive:
+        archive.extractall(folder, filter="data")
+    return folder / "remote"
+
+
+def metadata_path(vm: str, timestamp: int) -> str:
+    return f"/xo-vm-backups/{vm}/{format_timestamp(timestamp)}.json"
+
+
+def image_of(version: int) -> dict:
+    return EXPECTED["images"][version - 1]
+
+
+def sha256_of_chain(remote: LocalRemote, path: str) -> str:
+    digest = hashlib.sha256()
+    with open_vhd_chain(path, remote_disk_opener(remote)) as chain:
+        blocks = -(-chain.leaf.size // chain.block_size)
+        for index in range(blocks):
+            digest.update(chain.read_block(index))
+    return digest.hexdigest()
+
+
+def read_cache(root: Path, vm: str) -> dict:
+    return json.loads(gzip.decompress((root / "xo-vm-backups" / vm / CACHE_NAME).read_bytes()))
+
+
+def write_config(tmp_path: Path, root: Path, sim: Simulator | None = None) -> Path:
+    lines = [f'log_db = "{tmp_path}/logs.sqlite"', "[remotes.xo]", f'url = "file://{root}"']
+    if sim is not None:
+        (tmp_path / "pw").write_text(sim.password)
+        for i, pool in enumerate(sim.pools):
+            lines += [
+                f"[servers.pool{i}]",
+                f'url = "{pool.url}"',
+                f'password = {{ file = "{tmp_path}/pw" }}',
+            ]
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def xo_remote(tmp_path) -> Path:
+    return extract_remote(tmp_path / "fixture")
+
+
+@pytest.fixture(scope="module")
+def restore_pool(tmp_path_factory):
+    """One pool to restore into, shared by the module's restore tests."""
+    data = tmp_path_factory.mktemp("xo-remote-sim")
+    with Simulator(pools=1, vms=1, hosts=1, disk_size=32 * MiB, data_dir=data) as sim:
+        yield sim
+
+
+# -- listing -------------------------------------------------------------------------------------
+def test_backups_list_shows_every_xo_backup(xo_remote, tmp_path):
+    config = write_config(tmp_path, xo_remote)
+    result = run_cli("--config", str(config), "backups", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["id"]: row for row in json.loads(result.stdout)}
+    expected_ids = {metadata_path(vm, b["timestamp"]) for vm, b in ALL_BACKUPS}
+    assert set(rows) == expected_ids
+    for vm, backup in ALL_BACKUPS:
+        row = rows[metadata_path(vm, backup["timestamp"])]
+        spec = EXPECTED["vms"][vm]
+        assert row["remote"] == "xo"
+        assert row["vm"] == vm and row["vmName"] == spec["name"]
+        assert row["timestamp"] == backup["timestamp"]
+        assert row["mode"] == backup["mode"]
+        assert row["jobId"] == spec["jobId"] and row["scheduleId"] == spec["scheduleId"]
+        metadata = json.loads((xo_remote / row["id"].lstrip("/")).read_text())
+        assert row["size"] == metadata["size"] > 0
+    for backup in EXPECTED["vms"][XVA_VM]["backups"]:
+        row = rows[metadata_path(XVA_VM, backup["timestamp"])]
+        assert row["size"] == backup["xvaSize"]
+    text = run_cli("--config", str(config), "backups", "list", "--vm", "xo-vhddir-vm")
+    lines = text.stdout.strip().splitlines()
+    assert len(lines) == 3 and all("xo-vhddir-vm" in line and " delta " in line for line in lines)
+    assert "2026-08-02 04:00:00" in lines[0] and "2026-08-04 04:00:00" in lines[2]
+
+
+# -- the disks, read by the format code ------------------------------------------------------------
+def test_xo_vhd_directory_block_bitmaps_read(xo_remote):
+    """XO stores a VhdDirectory's ``bat`` at one byte per table entry (16 bytes for 16
+    blocks, not the 2 the bitmap needs): its blocks must read as the runs wrote them."""
+    remote = LocalRemote(xo_remote)
+    spec = EXPECTED["vms"][VHDDIR_VM]
+    runs = {run["timestamp"]: set(run["blocks"]) for run in spec["runs"]}
+    folder = f"/xo-vm-backups/{VHDDIR_VM}/vdis/{spec['jobId']}/{spec['vdi']}"
+    first, second, third, fourth = sorted(runs)
+    # the merge folded the first full into the second backup's disk
+    expect = {second: runs[first] | runs[second], third: runs[third], fourth: runs[fourth]}
+    for timestamp, blocks in expect.items():
+        alias = f"{folder}/{format_timestamp(timestamp)}.alias.vhd"
+        disk = VhdDirectory.open(remote, resolve_alias(remote, alias))
+        try:
+            assert disk.compression == "brotli"
+            assert set(disk.allocated_blocks()) == blocks
+        finally:
+            disk.close()
+
+
+@pytest.mark.parametrize("vm", [VHD_VM, VHDDIR_VM])
+def test_xo_delta_chains_read_bit_exact(xo_remote, vm):
+    remote = LocalRemote(xo_remote)
+    repository = BackupRepository(remote)
+    backups = {b.timestamp: b for b in repository.list_backups(vm)}
+    for expected in EXPECTED["vms"][vm]["backups"]:
+        [path] = backups[expected["timestamp"]].vhd_paths.values()
+        assert sha256_of_chain(remote, path) == expected["sha256"]
+
+
+# -- restores ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("vm", "timestamp"),
+    [(vm, b["timestamp"]) for vm, b in ALL_BACKUPS],
+    ids=[
+        f"{EXPECTED['vms'][vm]['name']}-{format_timestamp(b['timestamp'])}" for vm, b in ALL_BACKUPS
+    ],
+)
+def test_xo_backup_restores_bit_exact(xo_remote, tmp_path, restore_pool, vm, timestamp):
+    harness = Harness(tmp_path, restore_pool)
+    try:
+        remote = LocalRemote(xo_remote)
+        backup = BackupRepository(remote).read_metadata(metadata_path(vm, timestamp))
+        expected = next(b for b in EXPECTED["vms"][vm]["backups"] if b["timestamp"] == timestamp)
+        driver = harness.plugins.hypervisor(harness.config({}).server_view("pool0"))
+        try:
+            pool = driver.inventory().pools[0]
+            sr = next(sr for sr in pool.srs if sr.name == "Shared storage")
+            result = restore_backup(remote, backup, driver, sr_uuid=sr.uuid, pool=pool)
+            restored = driver.inventory().vm(result.vm_uuid)
+            assert restored.name.startswith(EXPECTED["vms"][vm]["name"])
+            [disk] = restored.disks
+            size = restore_pool.vdi_data(disk.vdi_uuid).size
+            content = restore_pool.read(disk.vdi_uuid, 0, size)
+            assert size == EXPECTED["diskSize"]
+            assert hashlib.sha256(content).hexdigest() == expected["sha256"]
+        finally:
+            driver.close()
+    finally:
+        harness.store.close()
+
+
+# -- file restore --------------------------------------------------------------------------------
+@pytest.mark.parametrize("vm", [VHD_VM, VHDDIR_VM])
+def test_files_ls_and_get_from_xo_backups(xo_remote, tmp_path, vm):
+    config = str(write_config(tmp_path, xo_remote))
+    spec = EXPECTED["vms"][vm]
+    disks = run_cli("--config", config, "files", "ls", "--json", f"xo:{vm}/latest")
+    assert disks.returncode == 0, disks.stderr
+    [disk] = json.loads(disks.stdout)
+    assert disk["device"] == "0" and disk["vdi"] == spec["vdi"]
+    assert disk["size"] == EXPECTED["diskSize"]
+    volumes = run_cli("--config", config, "files", "ls", "--json", f"xo:{vm}/latest", "0")
+    [volume] = json.loads(volumes.stdout)
+    assert volume["id"] == "whole" and volume["filesystem"] == "ext"
+    for backup in spec["backups"]:
+        ref = f"xo:{vm}/{format_timestamp(backup['timestamp'])}"
+        files = image_of(backup["version"])["files"]
+        listing = run_cli("--config", config, "files", "ls", "--json", ref, spec["vdi"], "whole")
+        assert listing.returncode == 0, listing.stderr
+        top = {e["name"]: e for e in json.loads(listing.stdout)}
+        assert {"hello.txt", "docs", "etc", "data", "lost+found"} <= set(top)
+        assert top["hello.txt"]["size"] == files["/hello.txt"]["size"]
+        docs = run_cli("--config", config, "files", "ls", "--json", ref, "0", "whole", "/docs")
+        names = {e["name"] for e in json.loads(docs.stdout)}
+        assert names == {p.split("/")[-1] for p in files if p.startswith("/docs/")}
+        out = tmp_path / "out" / format_timestamp(backup["timestamp"])
+        wanted = sorted(files)
+        got = run_cli(
+            "--config", config, "files", "get", ref, "0", "whole", *wanted, "--to", str(out)
+        )
+        assert got.returncode == 0, got.stderr
+        for path, info in files.items():
+            data = (out / path.rsplit("/", 1)[1]).read_bytes()
+            assert len(data) == info["size"]
+            assert hashlib.sha256(data).hexdigest() == info["sha256"], path
+
+
+def test_file_restore_of_an_xva_backup_is_refused_clearly(xo_remote, tmp_path):
+    config = str(write_config(tmp_path, xo_remote))
+    stamp = format_timestamp(EXPECTED["vms"][XVA_VM]["backups"][0]["timestamp"])
+    result = run_cli("--config", config, "files", "ls", f"xo:{XVA_VM}/{stamp}")
+    assert result.returncode == 2
+    assert "full (XVA) backup" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("--config", config, "files", "ls", f"xo:{XVA_VM}/latest")
+    assert result.returncode == 2 and "has no delta backup" in result.stderr
+
+
+# -- our backups join XO's history ---------------------------------------------------------------
+def adopt_vm(sim: Simulator, vm_uuid: str, new_vm_uuid: str, new_vdi_uuid: str) -> None:
+    """Give a restored VM the identity XO backed up (the same VM, now on this pool)."""
+    db = sim.pools[0].xapi.db
+    with db.lock:
+        vm_ref = db.by_uuid("VM", vm_uuid)
+        [vbd] = db.record("VM", vm_ref)["VBDs"]
+        vdi_ref = db.record("VBD", vbd)["VDI"]
+        db.update("VM", vm_ref, uuid=new_vm_uuid, power_state="Running")
+        db.update("VDI", vdi_ref, uuid=new_vdi_uuid)
+        db.rebuild_index("VM")
+        db.rebuild_index("VDI")
+
+
+def disk_files(root: Path, vm: str) -> set[str]:
+    spec = EXPECTED["vms"][vm]
+    folder = root / "xo-vm-backups" / vm / "vdis" / spec["jobId"] / spec["vdi"]
+    return {p.name for p in folder.iterdir() if p.name.endswith(".vhd")}
+
+
+@pytest.mark.parametrize("vm", [VHD_VM, VHDDIR_VM])
+def test_xobackup_delta_runs_join_xo_history(tmp_path, vm):
+    """The VM XO backed up, now backed up by xobackup with the same job and schedule: our
+    backups land beside XO's, retention counts XO's backups and merges XO's chain, every
+    backup still restores, and ``cache.json.gz`` describes exactly the backups present."""
+    spec = EXPECTED["vms"][vm]
+    root = extract_remote(tmp_path / "fixture")
+    remote = LocalRemote(root)
+    repository = BackupRepository(remote)
+    with Simulator(pools=1, vms=0, hosts=1, disk_size=32 * MiB, data_dir=tmp_path / "sim") as sim:
+        harness = Harness(tmp_path, sim)
+        driver = harness.plugins.hypervisor(harness.config({}).server_view("pool0"))
+        try:
+            pool = driver.inventory().pools[0]
+            sr = next(sr for sr in pool.srs if sr.name == "Shared storage")
+            newest = repository.list_backups(vm)[-1]
+            restored = restore_backup(remote, newest, driver, sr_uuid=sr.uuid, pool=pool)
+        finally:
+            driver.close()
+        adopt_vm(sim, restored.vm_uuid, vm, spec["vdi"])
+        settings = {"exportRetention": 3, "useVhdDirectory": spec["layout"] == "vhd-directory"}
+        config = harness.config(
+            {"xo-job": {"id": spec["jobId"], "mode": "delta", "remotes": ["xo"], "vms": [vm]}},
+            remotes={"xo": {"url": f"file://{root}"}},
+            schedules={spec["scheduleId"]: {"job": "xo-job", "cron": "0 4 * * *", **settings}},
+        )
+        ticks = itertools.count(time.time(), 60)
+        contents = {}
+        for run in range(2):
+            sim.randomize_blocks(spec["vdi"], 0.2, seed=run)
+            outcome = harness.run(config, "xo-job", spec["scheduleId"], clock=lambda: next(ticks))
+            assert outcome.status == "success"
+            contents[run] = hashlib.sha256(
+                sim.read(spec["vdi"], 0, sim.vdi_data(spec["vdi"]).size)
+            ).hexdigest()
+        harness.store.close()
+
+    backups = repository.list_backups(vm)
+    xo_kept = [b for b in EXPECTED["vms"][vm]["backups"]][-1:]
+    # retention 3 over the schedule: XO's two oldest went, its newest and our two remain
+    assert [b.timestamp for b in backups[:1]] == [b["timestamp"] for b in xo_kept]
+    assert len(backups) == 3
+    assert {b.job_id for b in backups} == {spec["jobId"]}
+    assert {b.schedule_id for b in backups} == {spec["scheduleId"]}
+    ours = backups[1:]
+    for backup, run in zip(ours, range(2), strict=True):
+        [path] = backup.vhd_paths.values()
+        assert sha256_of_chain(remote, path) == contents[run]
+    # XO's last backup survived the merge of its chain: it is now the full of that chain
+    [xo_path] = backups[0].vhd_paths.values()
+    assert sha256_of_chain(remote, xo_path) == xo_kept[0]["sha256"]
+    assert backups[0].data["isVhdDifferencing"] == dict.fromkeys(
+        backups[0].data["isVhdDifferencing"], False
+    )
+    names = disk_files(root, vm)
+    suffix = ".alias.vhd" if spec["layout"] == "vhd-directory" else ".vhd"
+    assert names == {format_timestamp(b.timestamp) + suffix for b in backups}
+    # XO's index of the folder matches the metadata files, in XO's shape
+    cache = read_cache(root, vm)
+    assert set(cache) == {b.path for b in backups}
+    for backup in backups:
+        entry = cache[backup.path]
+        assert entry["_filename"] == entry["id"] == backup.path
+        assert {k: v for k, v in entry.items() if k not in ("_filename", "id")} == backup.data
