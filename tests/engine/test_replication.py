@@ -670,3 +670,50 @@ def test_a_running_replica_is_left_alone(pools):
     assert newest.uuid != replica.uuid and newest.power_state == "Halted"
     snapshot = pools.job_snapshots()[-1]
     assert pools.content(newest.disks[0].vdi_uuid) == pools.content(snapshot.disks[0].vdi_uuid)
+
+
+def test_a_checkpoint_falling_back_never_leaves_a_torn_suspended_replica(pools, monkeypatch):
+    from xobackup_hypervisor_xcpng.driver import XapiDriver
+
+    harness = pools.harness
+    config = harness.config(
+        {
+            "ram": {
+                "mode": "delta",
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "settings": {"checkpointSnapshot": True},
+            }
+        }
+    )
+    job = job_id(harness, config, "ram")
+    assert harness.run(config, "ram").status == "success"
+    [replica] = pools.replicas(CR_TAG, job)
+    assert replica.power_state == "Suspended"
+    original = XapiDriver.snapshot
+
+    def stop_first(self, vm_uuid, name, **options):
+        # the VM stops between the run's plan and its checkpoint: XAPI then refuses the
+        # checkpoint and a plain snapshot (no memory) is taken
+        if options.get("memory"):
+            self.call("VM.hard_shutdown", self._ref("VM", vm_uuid))
+        return original(self, vm_uuid, name, **options)
+
+    monkeypatch.setattr(XapiDriver, "snapshot", stop_first)
+    pools.sim.randomize_blocks(pools.vm.disks[0].vdi_uuid, 0.1, seed=3)
+    outcome = harness.run(config, "ram")
+    monkeypatch.undo()
+    assert outcome.status == "failure"
+    assert "no memory image" in str(harness.store.get_run(outcome.run_id).to_dict())
+    # the Suspended replica took the new disks without their memory: it is gone, with its
+    # snapshots, rather than left resumable
+    left = pools.target.inventory().vms
+    assert replica.uuid not in {v.uuid for v in left}
+    assert not [v for v in left if v.snapshot_of == replica.uuid]
+    # the VM is halted now: the next run makes a Halted replica from full disks
+    outcome = harness.run(config, "ram")
+    assert outcome.status == "success"
+    [fresh] = pools.replicas(CR_TAG, job)
+    assert fresh.power_state == "Halted"
+    snapshot = pools.job_snapshots()[-1]
+    assert pools.content(fresh.disks[0].vdi_uuid) == pools.content(snapshot.disks[0].vdi_uuid)
