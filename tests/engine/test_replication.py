@@ -432,6 +432,24 @@ def test_disaster_recovery_with_memory_checks_the_target_cpu(pools):
     assert outcome.status == "failure"
     assert "AMD EPYC" in str(harness.store.get_run(outcome.run_id).to_dict())
     assert len(pools.replicas(DR_TAG, job)) == 1
+    # forced: the replica is made, and the run says which CPUs do not match
+    forced = harness.config(
+        {
+            "dr": {
+                "mode": "full",
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "settings": {"checkpointSnapshot": True, "copyRetention": 3},
+                "vm_settings": {pools.vm.uuid: {"bypassCpuCheck": True}},
+            }
+        }
+    )
+    outcome = harness.run(forced, "dr")
+    assert outcome.status == "success"
+    warnings = _warnings(harness.store.get_run(outcome.run_id).to_dict())
+    assert any("bypassCpuCheck" in w and "AMD EPYC" in w for w in warnings)
+    newest = pools.replicas(DR_TAG, job)[-1]
+    assert len(pools.replicas(DR_TAG, job)) == 2 and newest.power_state == "Suspended"
 
 
 def test_copy_retention_zero_skips_replication_for_that_schedule(pools):
