@@ -313,3 +313,67 @@ def test_xobackup_delta_runs_join_xo_history(tmp_path, vm):
         entry = cache[backup.path]
         assert entry["_filename"] == entry["id"] == backup.path
         assert {k: v for k, v in entry.items() if k not in ("_filename", "id")} == backup.data
+
+
+def run_warnings(store, run_id: str) -> list[str]:
+    run = store.get_run(run_id)
+    found = [m.text for m in run.warnings]
+    pending = list(run.tasks)
+    while pending:
+        task = pending.pop()
+        found += [m.text for m in task.warnings]
+        pending += task.children
+    return found
+
+
+def test_xobackup_full_runs_join_xo_xva_history(tmp_path):
+    """Full backups: retention of the XO job's schedule removes XO's oldest XVA with its
+    checksum; XO's kept XVA passes our checks untouched; ours has a checksum in XO's form."""
+    spec = EXPECTED["vms"][XVA_VM]
+    root = extract_remote(tmp_path / "fixture")
+    remote = LocalRemote(root)
+    repository = BackupRepository(remote)
+    folder = root / "xo-vm-backups" / XVA_VM
+    kept = folder / f"{format_timestamp(spec['backups'][1]['timestamp'])}.xva"
+    kept_checksum = kept.with_name(kept.name + ".checksum").read_text()
+    with Simulator(pools=1, vms=0, hosts=1, disk_size=32 * MiB, data_dir=tmp_path / "sim") as sim:
+        harness = Harness(tmp_path, sim)
+        driver = harness.plugins.hypervisor(harness.config({}).server_view("pool0"))
+        try:
+            pool = driver.inventory().pools[0]
+            sr = next(sr for sr in pool.srs if sr.name == "Shared storage")
+            newest = repository.list_backups(XVA_VM)[-1]
+            restored = restore_backup(remote, newest, driver, sr_uuid=sr.uuid, pool=pool)
+            vdi = driver.inventory().vm(restored.vm_uuid).disks[0].vdi_uuid
+        finally:
+            driver.close()
+        adopt_vm(sim, restored.vm_uuid, XVA_VM, vdi)
+        config = harness.config(
+            {"xo-full": {"id": spec["jobId"], "mode": "full", "remotes": ["xo"], "vms": [XVA_VM]}},
+            remotes={"xo": {"url": f"file://{root}"}},
+            schedules={
+                spec["scheduleId"]: {"job": "xo-full", "cron": "0 4 * * *", "exportRetention": 2}
+            },
+        )
+        outcome = harness.run(config, "xo-full", spec["scheduleId"])
+        assert outcome.status == "success"
+        assert run_warnings(harness.store, outcome.run_id) == []
+        harness.store.close()
+    backups = repository.list_backups(XVA_VM)
+    assert backups[0].timestamp == spec["backups"][1]["timestamp"] and len(backups) == 2
+    names = {p.name for p in folder.iterdir()}
+    oldest = format_timestamp(spec["backups"][0]["timestamp"])
+    assert not {n for n in names if n.startswith(oldest)}
+    ours = backups[1]
+    ours_xva = root / ours.xva_path.lstrip("/")
+    assert (
+        kept.read_bytes()
+        and hashlib.sha256(kept.read_bytes()).hexdigest() == (spec["backups"][1]["xvaSha256"])
+    )
+    assert kept.with_name(kept.name + ".checksum").read_text() == kept_checksum
+    for xva in (kept, ours_xva):
+        checksum = xva.with_name(xva.name + ".checksum").read_text()
+        assert checksum == f"$1$${hashlib.md5(xva.read_bytes()).hexdigest()}"
+    cache = read_cache(root, XVA_VM)
+    assert set(cache) == {b.path for b in backups}
+    assert cache[ours.path]["xva"] == ours.data["xva"] == f"./{ours_xva.name}"
