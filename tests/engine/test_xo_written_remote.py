@@ -149,6 +149,8 @@ def test_xo_delta_chains_read_bit_exact(xo_remote, vm):
     for expected in EXPECTED["vms"][vm]["backups"]:
         [path] = backups[expected["timestamp"]].vhd_paths.values()
         assert sha256_of_chain(remote, path) == expected["sha256"]
+    check = run_cli("vhd", "check", str(xo_remote) + path)
+    assert check.returncode == 0 and "OK (3 disk(s) in the chain)" in check.stdout, check.stderr
 
 
 # -- restores ------------------------------------------------------------------------------------
@@ -181,6 +183,26 @@ def test_xo_backup_restores_bit_exact(xo_remote, tmp_path, restore_pool, vm, tim
             driver.close()
     finally:
         harness.store.close()
+
+
+def test_restore_command_on_an_xo_backup(xo_remote, tmp_path, restore_pool):
+    config = write_config(tmp_path, xo_remote, restore_pool)
+    backup = EXPECTED["vms"][VHDDIR_VM]["backups"][1]
+    sr = next(
+        record["uuid"]
+        for record in restore_pool.pools[0].xapi.db.tables["SR"].values()
+        if record["name_label"] == "Shared storage"
+    )
+    ref = f"xo:{metadata_path(VHDDIR_VM, backup['timestamp'])}"
+    result = run_cli("--config", str(config), "restore", ref, "--sr", sr)
+    assert result.returncode == 0, result.stderr
+    assert "restored xo-vhddir-vm (2026-08-03 04:00) as VM " in result.stdout
+    vm_uuid = result.stdout.split(" as VM ")[1].split()[0]
+    db = restore_pool.pools[0].xapi.db
+    [vbd] = db.record("VM", db.by_uuid("VM", vm_uuid))["VBDs"]
+    vdi = db.record("VDI", db.record("VBD", vbd)["VDI"])["uuid"]
+    content = restore_pool.read(vdi, 0, restore_pool.vdi_data(vdi).size)
+    assert hashlib.sha256(content).hexdigest() == backup["sha256"]
 
 
 # -- file restore --------------------------------------------------------------------------------
