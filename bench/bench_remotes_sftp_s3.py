@@ -32,11 +32,12 @@ from common import (
     compare,
     data_file,
     print_result,
-    result,
     run_command,
     run_python,
     size_label,
+    stream_file,
     then_sync,
+    write_rate_result,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,14 +50,6 @@ RSS_LIMIT_MIB = 256.0
 at most 48 MiB plus the part being filled) and allocator slack."""
 
 
-def _stream(source: str, writer: Any) -> None:
-    buffer = bytearray(IO_CHUNK)
-    view = memoryview(buffer)
-    with open(source, "rb") as src:
-        while count := src.readinto(buffer):
-            writer.write(view[:count])
-
-
 def sftp_write(source: str, url: str, key_file: str, fingerprint: str, name: str) -> float:
     """Child process: connect and stream ``source`` to ``name``; seconds including connect."""
     from xobackup_core.plugins import Plugins
@@ -67,7 +60,7 @@ def sftp_write(source: str, url: str, key_file: str, fingerprint: str, name: str
         url, {"name": "bench", "key_file": key_file, "host_key_fingerprint": fingerprint}
     )
     with remote, remote.open_write(name) as writer:
-        _stream(source, writer)
+        stream_file(source, writer)
     return time.perf_counter() - start
 
 
@@ -83,7 +76,7 @@ def s3_write(source: str, endpoint: str, bucket: str, access: str, secret: str, 
         {"name": "bench", "endpoint": endpoint, "access_key": access, "secret_key": Secret(secret)},
     )
     with remote, remote.open_write(key) as writer:
-        _stream(source, writer)
+        stream_file(source, writer)
     return time.perf_counter() - start
 
 
@@ -164,20 +157,14 @@ def _sftp_results(size: int, source: Path, runs: int) -> list[dict[str, Any]]:
                 (target_dir / "openssh.bin").unlink(missing_ok=True)
 
         mine, theirs = compare(runs, ours, reference)
-        entry = result(
+        entry = write_rate_result(
             f"sftp remote write {size_label(size)}",
-            ours_s=mine.seconds,
-            reference_s=theirs.seconds,
-            reference="OpenSSH sftp -b put (same sshd) + sync",
-            ratio=theirs.seconds / mine.seconds,
+            size,
+            mine,
+            theirs,
+            "OpenSSH sftp -b put (same sshd) + sync",
             min_ratio=MIN_RATE_RATIO,
-            peak_rss_mib=mine.peak_rss_mib,
             max_rss_mib=RSS_LIMIT_MIB,
-            mib_per_s=round(size / MIB / mine.seconds, 1),
-            reference_mib_per_s=round(size / MIB / theirs.seconds, 1),
-            # The reference without its sync, for the record (the target compares durable
-            # files).
-            ratio_without_sync=round((theirs.seconds - theirs.value["sync_s"]) / mine.seconds, 3),
         )
         print_result(entry)
         return [entry]
@@ -214,17 +201,14 @@ def _s3_results(size: int, source: Path, runs: int) -> list[dict[str, Any]]:
                 s3.delete_object(Bucket=bucket, Key="boto3.bin")
 
         mine, theirs = compare(runs, ours, reference)
-        entry = result(
+        entry = write_rate_result(
             f"s3 remote write {size_label(size)}",
-            ours_s=mine.seconds,
-            reference_s=theirs.seconds,
-            reference="boto3 upload_file, default TransferConfig (same moto server)",
-            ratio=theirs.seconds / mine.seconds,
+            size,
+            mine,
+            theirs,
+            "boto3 upload_file, default TransferConfig (same moto server)",
             min_ratio=MIN_RATE_RATIO,
-            peak_rss_mib=mine.peak_rss_mib,
             max_rss_mib=RSS_LIMIT_MIB,
-            mib_per_s=round(size / MIB / mine.seconds, 1),
-            reference_mib_per_s=round(size / MIB / theirs.seconds, 1),
         )
         print_result(entry)
         return [entry]

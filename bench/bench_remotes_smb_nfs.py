@@ -5,7 +5,8 @@
   127.0.0.1, then ``sync`` of the file it wrote: target rate >= 0.8x smbclient's.
 * NFS, write 1 GiB: ``Remote.open_write`` on an ``nfs://`` remote (userspace NFSv3 through
   libnfs, COMMIT, RENAME) vs ``nfs-cp`` from libnfs-utils to the same nfs-ganesha export,
-  then ``sync`` of the file it wrote: target rate >= 0.8x nfs-cp's. Both run inside the server's private network namespace.
+  then ``sync`` of the file it wrote: target rate >= 0.8x nfs-cp's. Both run inside the
+  server's private network namespace.
 * peak RSS of ours while writing (each side runs in its own child process).
 
 Input: a random data file read in 8 MiB chunks from the page cache. Quick mode uses 64 MiB.
@@ -34,11 +35,12 @@ from common import (
     compare,
     data_file,
     print_result,
-    result,
     run_command,
     run_python,
     size_label,
+    stream_file,
     then_sync,
+    write_rate_result,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,14 +52,6 @@ RSS_LIMIT_MIB = 200.0
 CLONE_NEWNET = 0x40000000
 
 
-def _stream(source: str, writer: Any) -> None:
-    buffer = bytearray(IO_CHUNK)
-    view = memoryview(buffer)
-    with open(source, "rb") as src:
-        while count := src.readinto(buffer):
-            writer.write(view[:count])
-
-
 def smb_write(source: str, url: str, password: str, name: str) -> float:
     """Child process: connect and stream ``source`` to ``name``; seconds including connect."""
     from xobackup_core.config import Secret
@@ -67,7 +61,7 @@ def smb_write(source: str, url: str, password: str, name: str) -> float:
     start = time.perf_counter()
     remote = plugins.remote(url, {"name": "bench", "password": Secret(password)})
     with remote, remote.open_write(name) as writer:
-        _stream(source, writer)
+        stream_file(source, writer)
     return time.perf_counter() - start
 
 
@@ -85,27 +79,13 @@ def nfs_write(source: str, url: str, netns: str, name: str) -> float:
     start = time.perf_counter()
     remote = plugins.remote(url, {"name": "bench"})
     with remote, remote.open_write(name) as writer:
-        _stream(source, writer)
+        stream_file(source, writer)
     return time.perf_counter() - start
 
 
 def _entry(label: str, size: int, mine: ChildRun, theirs: ChildRun, reference: str) -> dict:
-    entry = result(
-        label,
-        ours_s=mine.seconds,
-        reference_s=theirs.seconds,
-        reference=reference,
-        ratio=theirs.seconds / mine.seconds,
-        min_ratio=MIN_RATE_RATIO,
-        peak_rss_mib=mine.peak_rss_mib,
-        max_rss_mib=RSS_LIMIT_MIB,
-        mib_per_s=round(size / MIB / mine.seconds, 1),
-        reference_mib_per_s=round(size / MIB / theirs.seconds, 1),
-        # The reference without its sync, for the record (the target compares durable files).
-        ratio_without_sync=round((theirs.seconds - theirs.value["sync_s"]) / mine.seconds, 3),
-        # CPU time (user + system) per side: steadier than wall time on a busy machine.
-        # Ours includes the interpreter-side plugin loading of the call.
-        cpu_ratio=round(mine.cpu_s / theirs.cpu_s, 2) if mine.cpu_s and theirs.cpu_s else None,
+    entry = write_rate_result(
+        label, size, mine, theirs, reference, min_ratio=MIN_RATE_RATIO, max_rss_mib=RSS_LIMIT_MIB
     )
     print_result(entry)
     return entry

@@ -386,6 +386,54 @@ def result(
     }
 
 
+def stream_file(source: str | os.PathLike[str], writer: Any) -> None:
+    """Copy ``source`` into ``writer`` (anything with ``write``) in ``IO_CHUNK`` pieces, the
+    way the remote write benchmarks feed a remote."""
+    buffer = bytearray(IO_CHUNK)
+    view = memoryview(buffer)
+    with open(source, "rb") as src:
+        while count := src.readinto(buffer):
+            writer.write(view[:count])
+
+
+def write_rate_result(
+    name: str,
+    size: int,
+    mine: ChildRun,
+    theirs: ChildRun,
+    reference: str,
+    *,
+    min_ratio: float,
+    max_rss_mib: float,
+) -> dict[str, Any]:
+    """A remote write benchmark's result: ``ratio`` is our rate over the reference's (higher is
+    better), with both rates in MiB/s, the CPU-time ratio when both sides measured it, and
+    the ratio against the reference without its sync when it was made with
+    :func:`then_sync`."""
+    extra: dict[str, Any] = {
+        "mib_per_s": round(size / MIB / mine.seconds, 1),
+        "reference_mib_per_s": round(size / MIB / theirs.seconds, 1),
+    }
+    if isinstance(theirs.value, dict) and "sync_s" in theirs.value:
+        extra["ratio_without_sync"] = round(
+            (theirs.seconds - theirs.value["sync_s"]) / mine.seconds, 3
+        )
+    if mine.cpu_s and theirs.cpu_s:
+        # CPU time (user + system) per side: steadier than wall time on a busy machine.
+        extra["cpu_ratio"] = round(mine.cpu_s / theirs.cpu_s, 2)
+    return result(
+        name,
+        ours_s=mine.seconds,
+        reference_s=theirs.seconds,
+        reference=reference,
+        ratio=theirs.seconds / mine.seconds,
+        min_ratio=min_ratio,
+        peak_rss_mib=mine.peak_rss_mib,
+        max_rss_mib=max_rss_mib,
+        **extra,
+    )
+
+
 def rss_result(
     name: str, peak_rss_mib: float, max_rss_mib: float, *, ours_s: float | None = None, **extra: Any
 ) -> dict[str, Any]:
