@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ EVENT_INTERVAL = 1.0
 KEEPALIVE_EVERY = 15
 """Send an SSE comment after this many quiet intervals, so proxies keep the stream open."""
 
-UNFINISHED = {Status.PENDING, Status.INTERRUPTED}
+PAGE_RUNS = 50
+"""Runs listed on the overview (the newest matching the filters)."""
 _TERMINAL_COLOURS = {"green": "green", "red": "red", "yellow": "orange", "magenta": "purple"}
 
 
@@ -60,6 +62,7 @@ class NextRun(BaseModel):
     local: str = Field(description="ISO 8601 in the schedule's timezone")
     utc: str
     ms: int = Field(description="milliseconds since the epoch")
+    text: str = Field(description="for people: 'Fri 2026-11-27 03:00 CET'")
 
 
 class ScheduleOut(BaseModel):
@@ -186,11 +189,16 @@ def _details(data: Any) -> list[tuple[str, str]]:
         return []
     pairs = []
     for key, value in data.items():
-        if key in ("message", "size", "stack"):
+        if key in ("message", "size", "stack", "type", "name_label"):
             continue
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         pairs.append((str(key), text))
     return pairs
+
+
+def _time_until(ms: int) -> str:
+    """``in 3h 05m`` from now."""
+    return "in " + format_duration(max(0, ms - int(time.time() * 1000)))
 
 
 def _filter_from(
@@ -233,6 +241,7 @@ def _templates(overview: Overview) -> Jinja2Templates:
         colour=status_colour,
         label=_task_label,
         details=_details,
+        until=_time_until,
     )
     environment.globals.update(version=core_version, statuses=[s.value for s in Status])
     return Jinja2Templates(env=environment)
@@ -411,7 +420,7 @@ def create_app(overview: Overview, auth: Auth) -> FastAPI:
 
     def run_rows(request: Request, run_filter: RunFilter) -> HTMLResponse:
         runs = overview.runs(run_filter)
-        return page(request, "_runs.html", runs=runs)
+        return page(request, "_runs.html", runs=runs, notes=overview.notes(runs))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def overview_page(
@@ -423,7 +432,7 @@ def create_app(overview: Overview, auth: Auth) -> FastAPI:
     ) -> HTMLResponse:
         error = None
         try:
-            runs = overview.runs(_filter_from(job, vm, [status or ""], q, None, 100))
+            runs = overview.runs(_filter_from(job, vm, [status or ""], q, None, PAGE_RUNS))
         except UsageError as problem:
             runs, error = [], str(problem)
         return page(
@@ -431,6 +440,7 @@ def create_app(overview: Overview, auth: Auth) -> FastAPI:
             "overview.html",
             jobs=_jobs(overview),
             runs=runs,
+            notes=overview.notes(runs),
             filters={"job": job or "", "vm": vm or "", "status": status or "", "q": q or ""},
             error=error,
         )
@@ -447,7 +457,7 @@ def create_app(overview: Overview, auth: Auth) -> FastAPI:
         status: str | None = None,
         q: str | None = None,
     ) -> HTMLResponse:
-        return run_rows(request, _filter_from(job, vm, [status or ""], q, None, 100))
+        return run_rows(request, _filter_from(job, vm, [status or ""], q, None, PAGE_RUNS))
 
     @app.get("/fragments/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
     def run_fragment(request: Request, run_id: str) -> HTMLResponse:

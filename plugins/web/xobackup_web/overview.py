@@ -25,7 +25,7 @@ from xobackup_core.engine.repository import BackupRepository
 from xobackup_core.engine.runner import JobRunner
 from xobackup_core.errors import UsageError, XobackupError
 from xobackup_core.hookspecs import hookimpl
-from xobackup_core.logs import LogStore, RunFilter, RunRecord
+from xobackup_core.logs import LogStore, RunFilter, RunRecord, Status
 from xobackup_core.plugins import Plugins
 from xobackup_core.scheduler.clock import SystemClock
 from xobackup_core.scheduler.daemon import cron_of, running_run_of
@@ -224,6 +224,7 @@ class Overview:
                             "local": moment.isoformat(),
                             "utc": moment.astimezone(UTC).isoformat(),
                             "ms": int(moment.timestamp() * 1000),
+                            "text": moment.strftime("%a %Y-%m-%d %H:%M %Z"),
                         }
                         for moment in upcoming
                     ],
@@ -263,6 +264,30 @@ class Overview:
     def runs(self, run_filter: RunFilter) -> list[RunRecord]:
         """Run summaries, newest first (``xobackup logs``)."""
         return self.store.list_runs(run_filter)
+
+    def notes(self, runs: Iterable[RunRecord]) -> dict[str, dict[str, Any]]:
+        """Per run id: the first error (the run's, else its first failed task's, with the VM
+        it concerns) and how many warnings the run and its tasks carry, for run lists."""
+        notes = {}
+        for summary in runs:
+            run = self.store.get_run(summary.run_id)
+            if run is None:
+                continue
+            error = run.error
+            if error is None and run.status is not Status.SUCCESS:
+                for vm_task in run.tasks:
+                    failed = next(
+                        (t for t in vm_task.walk() if t.error and t.status is not Status.SUCCESS),
+                        None,
+                    )
+                    if failed is not None:
+                        data = vm_task.data if isinstance(vm_task.data, dict) else {}
+                        where = data.get("name_label") or data.get("id")
+                        error = f"{where}: {failed.error}" if where else failed.error
+                        break
+            warnings = len(run.warnings) + sum(len(task.warnings) for task in run.walk())
+            notes[run.run_id] = {"error": error, "warnings": warnings}
+        return notes
 
     def run(self, run_id: str) -> RunRecord:
         """One run with its task tree, by full id or prefix; UnknownError if there is none."""

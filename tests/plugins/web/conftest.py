@@ -95,7 +95,7 @@ def start_server(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
             output = process.stdout.read().decode() if process.stdout else ""
@@ -146,20 +146,25 @@ def _kill_mid_export(site: Site) -> str:
     command = [sys.executable, "-m", "xobackup_core.cli", "--config", str(site.config_path)]
     process = subprocess.Popen(
         [*command, "run", "weekly-full"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         with site.store() as store:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 mine = [r for r in store.list_runs(RunFilter(limit=5)) if r.pid == process.pid]
                 run = store.get_run(mine[0].run_id) if mine else None
                 if run and any(t.name == "export" and t.end is None for t in run.walk()):
                     break
+                if process.poll() is not None:
+                    break
                 time.sleep(0.1)
             else:
-                raise AssertionError("the run never reached its export")
+                raise AssertionError("the run never reached its export in 60 s")
+            if process.poll() is not None:
+                output = process.stdout.read().decode() if process.stdout else ""
+                raise AssertionError(f"the run ended before its export was cut: {output}")
     finally:
         process.kill()
         process.wait()
