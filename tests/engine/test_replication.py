@@ -735,3 +735,38 @@ def test_a_checkpoint_falling_back_never_leaves_a_torn_suspended_replica(pools, 
     assert fresh.power_state == "Halted"
     snapshot = pools.job_snapshots()[-1]
     assert pools.content(fresh.disks[0].vdi_uuid) == pools.content(snapshot.disks[0].vdi_uuid)
+
+
+def test_a_failed_memory_update_never_leaves_a_torn_suspended_replica(pools):
+    harness, sim = pools.harness, pools.sim
+    config = harness.config(
+        {
+            "ram": {
+                "mode": "delta",
+                "remotes": ["nas"],
+                "srs": [pools.sr.uuid],
+                "vms": [pools.vm.uuid],
+                "settings": {"checkpointSnapshot": True},
+            }
+        }
+    )
+    job = job_id(harness, config, "ram")
+    assert harness.run(config, "ram").status == "success"
+    [replica] = pools.replicas(CR_TAG, job)
+    sim.randomize_blocks(pools.vm.disks[0].vdi_uuid, 0.1, seed=5)
+    # the memory image's import breaks midway, after the disk's delta may have gone in
+    sim.arm("/import_raw_vdi", "drop", after_bytes=1024 * 1024, pool=1, times=None)
+    outcome = harness.run(config, "ram")
+    sim.faults.clear()
+    run = str(harness.store.get_run(outcome.run_id).to_dict())
+    assert outcome.vm_status[pools.vm.uuid] == "success", run  # the remote got it
+    assert "is destroyed" in run
+    left = pools.target.inventory().vms
+    assert replica.uuid not in {v.uuid for v in left}
+    assert not [v for v in left if v.snapshot_of == replica.uuid]
+    assert harness.run(config, "ram").status == "success"
+    [fresh] = pools.replicas(CR_TAG, job)
+    checkpoint = pools.job_snapshots()[-1]
+    assert fresh.power_state == "Suspended"
+    assert pools.content(fresh.suspend_vdi_uuid) == pools.content(checkpoint.suspend_vdi_uuid)
+    assert pools.content(fresh.disks[0].vdi_uuid) == pools.content(checkpoint.disks[0].vdi_uuid)

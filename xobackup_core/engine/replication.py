@@ -847,6 +847,8 @@ class Replication:
         for plan in list(self.plans.values()):
             target = plan.target
             if target.error is not None:
+                if plan.replica is not None and plan.memory_vdi:
+                    self.destroy_torn(plan, "a transfer into it failed")
                 self.discard(plan)
                 continue
             memory = next((e.replica_vdi for e in plan.disks.values() if e.is_memory), None)
@@ -877,15 +879,25 @@ class Replication:
 
     def drop_torn(self, plan: CrPlan) -> None:
         """The checkpoint fell back to a plain snapshot (the VM stopped meanwhile): the
-        Suspended replica got new disks but no memory image to match, and must never be
-        resumed. It is destroyed with its snapshots; the next run makes a new one."""
-        target, replica = plan.target, plan.replica
-        assert replica is not None
+        Suspended replica got new disks but no memory image to match."""
+        assert plan.replica is not None
         error = XobackupError(
             f"the snapshot has no memory image (the VM was not running any more): Suspended "
-            f"replica {replica.name} got this run's disks without its memory and is destroyed"
+            f"replica {plan.replica.name} got this run's disks without its memory"
         )
-        self.drop(target, error, "transfer")
+        self.drop(plan.target, error, "transfer")
+        self.destroy_torn(plan, "it got this run's disks without their memory image")
+
+    def destroy_torn(self, plan: CrPlan, why: str) -> None:
+        """A Suspended replica whose disks and memory may no longer match must never be
+        resumed: it is destroyed with its snapshots, and the next run makes a new one."""
+        target, replica = plan.target, plan.replica
+        assert replica is not None
+        self.backup.task.warning(
+            f"Suspended replica {replica.name} on {target.label} is destroyed: {why}, so its "
+            "disks and memory may not match; the next run makes a new replica",
+            {"sr": target.key},
+        )
         try:
             for v in target.driver.inventory().vms:
                 if v.is_snapshot and v.snapshot_of == replica.uuid:
