@@ -12,7 +12,7 @@ DEBIAN_PACKAGES=(
   samba smbclient openssh-server openssh-client nfs-ganesha nfs-ganesha-vfs rpcbind
   libnfs13 libnfs-utils libnfs-dev qemu-utils libvhdi-utils python3-libvhdi
   dosfstools mtools ntfs-3g exfatprogs exfat-fuse xfsprogs btrfs-progs e2fsprogs fdisk lvm2
-  curl zstd gzip
+  curl zstd gzip chromium
 )
 
 missing=()
