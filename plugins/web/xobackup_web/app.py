@@ -300,19 +300,6 @@ def create_app(overview: Overview, auth: Auth) -> FastAPI:
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         return response
 
-    @app.exception_handler(XobackupError)
-    async def xobackup_error(request: Request, error: XobackupError) -> JSONResponse:
-        status = 500
-        body: dict[str, Any] = {"detail": scrub.text(str(error))}
-        if isinstance(error, JobRunningError):
-            status = 409
-            body["runId"] = error.run_id
-        elif isinstance(error, UnknownError):
-            status = 404
-        elif isinstance(error, UsageError):
-            status = 400
-        return JSONResponse(body, status_code=status)
-
     # -- JSON API ----------------------------------------------------------------------------
     @app.get("/api/jobs", response_model=list[JobOut], tags=["jobs"])
     def api_jobs() -> Any:
@@ -417,6 +404,31 @@ def create_app(overview: Overview, auth: Auth) -> FastAPI:
     def page(request: Request, name: str, **context: Any) -> HTMLResponse:
         context.setdefault("auth_required", auth.required)
         return templates.TemplateResponse(request, name, context)
+
+    @app.exception_handler(XobackupError)
+    async def xobackup_error(request: Request, error: XobackupError) -> Response:
+        status = 500
+        body: dict[str, Any] = {"detail": scrub.text(str(error))}
+        if isinstance(error, JobRunningError):
+            status = 409
+            body["runId"] = error.run_id
+        elif isinstance(error, UnknownError):
+            status = 404
+        elif isinstance(error, UsageError):
+            status = 400
+        path = request.url.path
+        if path.startswith("/api/") or path.startswith("/fragments/"):
+            return JSONResponse(body, status_code=status)
+        titles = {404: "Not found", 400: "Bad request", 409: "Already running"}
+        response = page(
+            request,
+            "error.html",
+            status=status,
+            title=titles.get(status, "Error"),
+            detail=body["detail"],
+        )
+        response.status_code = status
+        return response
 
     def run_rows(request: Request, run_filter: RunFilter) -> HTMLResponse:
         runs = overview.runs(run_filter)

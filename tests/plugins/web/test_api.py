@@ -141,3 +141,39 @@ def test_post_needs_the_csrf_header_and_a_known_job(site: Site):
     assert forged.status_code == 403
     assert unknown.status_code == 404 and "nightly" in unknown.json()["detail"]
     assert rebound.status_code == 421
+
+
+def test_run_now_answers_at_once_and_never_runs_a_job_twice(site: Site):
+    fault = site.sim.arm("VM.snapshot", "delay", seconds=1.5, times=None)
+    headers = {"X-Requested-With": "xobackup"}
+    try:
+        with site.client() as client:
+            started = client.post("/api/jobs/nightly/run", headers=headers, json={})
+            assert started.status_code == 202, started.text
+            run_id = started.json()["runId"]
+            running = client.get(f"/api/runs/{run_id}").json()
+            assert running["status"] == "pending" and running["colour"] == "orange"
+            again = client.post("/api/jobs/nightly/run", headers=headers)
+            assert again.status_code == 409
+            assert again.json()["runId"] == run_id
+            jobs = {job["key"]: job for job in client.get("/api/jobs").json()}
+            assert jobs["nightly"]["runningRunId"] == run_id
+            deadline = time.monotonic() + 60
+            seen_progress = False
+            while time.monotonic() < deadline:
+                run = client.get(f"/api/runs/{run_id}").json()
+                if run["status"] != "pending":
+                    break
+                if run["progress"]:
+                    seen_progress = True
+                    assert set(run["progress"]) <= set(site.vms)
+                time.sleep(0.2)
+            assert run["status"] == "success", run
+            assert seen_progress, "live figures were never served while the run went on"
+            assert run["progress"] is None
+            assert run["scheduleId"] == "nightly-3am"  # the job's first schedule, as `run`
+            with site.store() as store:
+                assert store.get_run(run_id).status.value == "success"
+    finally:
+        site.sim.faults.clear()
+        fault.release()
