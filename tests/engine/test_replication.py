@@ -589,6 +589,21 @@ def test_a_memory_replica_is_made_anew_when_its_vm_no_longer_matches(pools):
     # copyRetention 1: the superseded Suspended replica went; the resumed one is the user's
     left = {v.uuid for v in pools.target.inventory().vms}
     assert second.uuid not in left and first.uuid in left
+    # with memory again, after the VM rebooted on a CPU with other features: the replica's
+    # flags could not resume this memory image, so a new Suspended replica is made
+    harness.run(config, "ram")
+    third = pools.replicas(CR_TAG, job)[-1]
+    assert third.power_state == "Suspended"
+    db = pools.sim.pool(0).xapi.db
+    ref = db.resolve("VM", pools.vm.uuid)
+    flags = dict(db.record("VM", ref)["last_boot_CPU_flags"])
+    db.update("VM", ref, last_boot_CPU_flags={**flags, "features": "00000001-00000000"})
+    outcome = harness.run(config, "ram")
+    assert outcome.status == "success", str(harness.store.get_run(outcome.run_id).to_dict())
+    assert "booted on another CPU" in str(harness.store.get_run(outcome.run_id).to_dict())
+    fourth = pools.replicas(CR_TAG, job)[-1]
+    assert fourth.uuid != third.uuid and fourth.power_state == "Suspended"
+    assert fourth.last_boot_cpu_flags["features"] == "00000001-00000000"
 
 
 def test_bypass_cpu_check_replicates_with_a_warning(pools):

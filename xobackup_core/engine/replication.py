@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from xobackup_core.engine.restore import IteratorReader, check_cpu
+from xobackup_core.engine.restore import IteratorReader
 from xobackup_core.engine.streams import Target, describe_error
 from xobackup_core.errors import XobackupError
 from xobackup_core.formats.vhd_stream import VhdStreamReader
@@ -215,27 +215,16 @@ def check_memory_target(
     flags = snapshot.last_boot_cpu_flags or vm.last_boot_cpu_flags
     if not target.pool.hosts:
         raise XobackupError(f"pool {target.pool.name} has no host to resume the replica")
-    verdicts = [(h, check_cpu(flags, h.cpu)) for h in target.pool.hosts]
-    if any(v.compatible for _, v in verdicts):
+    problems = [(h, cpu_problem(flags, h.cpu)) for h in target.pool.hosts]
+    if any(not problem for _, problem in problems):
         return None
-    host, verdict = verdicts[0]
+    host, problem = problems[0]
     vendor = flags.get("vendor", "")
-    vm_features = flags.get("features", "")
-    host_features = host.cpu.features_hvm or host.cpu.features
-    missing = missing_cpu_features(vm_features, host_features)
-    if vendor and host.cpu.vendor and vendor != host.cpu.vendor:
-        lacking = f"another vendor ({vendor} vs {host.cpu.vendor})"
-        if missing:
-            lacking += f", and missing CPU features {missing} ({describe_bits(missing)})"
-    elif missing:
-        lacking = f"missing CPU features {missing} ({describe_bits(missing)})"
-    else:
-        lacking = verdict.reason
     message = (
         f"no host of pool {target.pool.name} can resume the replica of {vm.name} with its "
-        f"memory: the VM runs on a {describe_cpu(source_cpu, vendor)} CPU (features "
-        f"{vm_features or 'unknown'}), host {host.name} has a {describe_cpu(host.cpu)} CPU "
-        f"(features {host_features or 'unknown'}): {lacking}; {verdict.reason}"
+        f"memory: the VM's CPU is {describe_cpu(source_cpu, vendor)} (features "
+        f"{flags.get('features') or 'unknown'}), host {host.name}'s CPU is "
+        f"{describe_cpu(host.cpu)} (features {host_features(host.cpu) or 'unknown'}): {problem}"
     )
     if force:
         return message
@@ -243,6 +232,28 @@ def check_memory_target(
         f"{message} (setting bypassCpuCheck replicates anyway; the replica then resumes only "
         "when forced)"
     )
+
+
+def host_features(cpu: CpuInfo) -> str:
+    """The feature set XAPI checks an HVM guest against."""
+    return cpu.features_hvm or cpu.features
+
+
+def cpu_problem(vm_flags: Mapping[str, str], cpu: CpuInfo) -> str:
+    """Why XAPI would refuse to resume a VM suspended with ``vm_flags`` on a host with
+    ``cpu`` ("" if it would not): another vendor, or feature bits the host lacks (the VM's
+    feature words are compared one by one, padded or cut to the host's count)."""
+    problems = []
+    vendor = vm_flags.get("vendor", "")
+    if vendor and cpu.vendor and vendor != cpu.vendor:
+        problems.append(f"the CPU vendors differ ({vendor} vs {cpu.vendor})")
+    missing = missing_cpu_features(vm_flags.get("features", ""), host_features(cpu))
+    if missing:
+        problems.append(
+            f"the host CPU lacks CPU features the VM uses: missing CPU features {missing} "
+            f"({describe_bits(missing)})"
+        )
+    return "; ".join(problems)
 
 
 class UploadPipe:
