@@ -5,6 +5,7 @@ import pytest
 from xobackup_hypervisor_xcpng.sim import Simulator
 from xobackup_remote_local import LocalRemote
 
+from tests.core.conftest import run_cli
 from tests.engine.conftest import Harness
 from xobackup_core.engine.repository import BackupRepository
 from xobackup_core.engine.restore import restore_backup
@@ -190,3 +191,53 @@ def test_networks_keep_their_uuid_on_the_same_pool(pools):
         }
 
     assert uuids(restored) == uuids(original)
+
+
+def test_restore_command_options(pools, tmp_path):
+    vm = source_vm(pools)
+    original = source_macs(pools, vm)
+    _, backup = backup_of(pools, vm, "delta")
+    sim = pools.sim
+    (tmp_path / "pw").write_text(sim.password)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'log_db = "{tmp_path}/logs.sqlite"\n'
+        f'[servers.target]\nurl = "{sim.pool(1).url}"\npassword = {{ file = "{tmp_path}/pw" }}\n'
+        f'[remotes.nas]\nurl = "file://{pools.remote_dir}"\n'
+    )
+    db = sim.pool(1).xapi.db
+    sr = next(r["uuid"] for r in db.tables["SR"].values() if r["name_label"] == "Shared storage")
+
+    def restore(*options):
+        return run_cli(
+            "--config", str(config), "restore", f"nas:{backup.path}", "--sr", sr, *options
+        )
+
+    def restored_vm(stdout):
+        uuid = stdout.split(" as VM ")[1].split()[0]
+        ref = db.resolve("VM", uuid)
+        macs = {
+            db.record("VIF", v)["device"]: db.record("VIF", v)["MAC"]
+            for v in db.record("VM", ref)["VIFs"]
+        }
+        return db.record("VM", ref)["power_state"], macs
+
+    result = restore("--start", "--new-mac-addresses")
+    assert result.returncode == 0, result.stderr
+    assert "(running)" in result.stdout
+    state, macs = restored_vm(result.stdout)
+    assert state == "Running" and set(macs) == set(original)
+    assert not set(macs.values()) & set(original.values())
+
+    result = restore()
+    assert result.returncode == 0, result.stderr
+    assert "(halted)" in result.stdout
+    assert restored_vm(result.stdout) == ("Halted", original)
+
+    sim.arm("VM.start", code="HOST_NOT_ENOUGH_FREE_MEMORY", params=["1024", "512"], pool=1)
+    result = restore("--start")
+    assert result.returncode == 1
+    assert (
+        "could not be started" in result.stderr and "HOST_NOT_ENOUGH_FREE_MEMORY" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
