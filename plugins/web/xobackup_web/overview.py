@@ -371,13 +371,15 @@ class Overview:
         launch.started.set()
 
     def _execute(self, job_key: str, schedule: str | None, launch: _Launch) -> None:
-        runner = JobRunner(self.config, self.plugins, self.store, progress=launch.progress)
+        runner = None
         try:
+            runner = JobRunner(self.config, self.plugins, self.store, progress=launch.progress)
             runner.run(job_key, schedule)
         except Exception as error:  # the run's log has the details; the click must not hang
             launch.error = self.scrubber.text(str(error))
         finally:
-            runner.close()
+            if runner is not None:
+                runner.close()
             with self._lock:
                 self._launching.pop(launch.job_id, None)
             if launch.run_id is not None:

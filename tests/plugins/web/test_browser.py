@@ -160,6 +160,8 @@ def test_run_now_appears_and_goes_live_to_green(page: Any, site: Site):
     finally:
         site.sim.faults.clear()
         fault.release()
+    detail.locator("ul.tree.root > li.task summary").first.click()
+    detail.locator("ul.tree.root > li.task li.task").first.wait_for()
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "web-overview.png"
     page.screenshot(path=str(shot), full_page=True)
