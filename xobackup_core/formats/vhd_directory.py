@@ -1073,15 +1073,34 @@ def _removals(remote: Remote, paths: list[str]) -> list[str]:
     return removals
 
 
+def _leaf_size(remote: Remote, path: str) -> int | None:
+    try:
+        leaf = open_remote_disk(remote, path)
+    except (FormatError, RemoteError):
+        return None
+    try:
+        return leaf.size
+    finally:
+        leaf.close()
+
+
 def _cleanup(
     remote: Remote, paths: list[str], state_path: str, state: dict, *, resumed: bool
 ) -> MergeResult:
     folder = posixpath.dirname(state_path)
     parent_path, leaf_path = paths[0], paths[-1]
+    removals = state.get("removePaths")
+    if removals is None:
+        # A state Xen Orchestra wrote: it names no paths to remove, so resolve the children's
+        # data now, before the parent's alias takes the newest child's name.
+        removals = [_relative(folder, path) for path in _removals(remote, paths)]
     if remote.exists(parent_path):
         parent = open_remote_disk(remote, parent_path, writable=True)
         assert isinstance(parent, VhdDirectory)
-        size = int(state["diskSize"])
+        # Not the state's ``diskSize``: Xen Orchestra records the size on disk there. The
+        # newest child has the virtual size until the rename below; if XO's cleanup already
+        # deleted it, XO had given the parent its metadata.
+        size = _leaf_size(remote, leaf_path) or parent.size
         parent.grow(size)
         footer = parent.footer.replace(
             uuid=uuidlib.UUID(state["child"]["uuid"]), timestamp=vhd_timestamp(time.time())
@@ -1096,7 +1115,7 @@ def _cleanup(
         # The parent's alias replaces the newest child's: children of that child still find
         # their parent under the same name and uuid.
         remote.rename(parent_path, leaf_path)
-    for relative in state.get("removePaths", []):
+    for relative in removals:
         path = join_path(folder, str(relative))
         try:
             if remote.stat(path).is_dir:

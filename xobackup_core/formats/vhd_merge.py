@@ -27,7 +27,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from xobackup_core.errors import FormatError, RemoteNotFoundError, UsageError
+from xobackup_core.errors import FormatError, RemoteError, RemoteNotFoundError, UsageError
 from xobackup_core.formats.source import RemoteSource, read_ahead
 from xobackup_core.formats.vhd import VhdDisk, VhdFile
 from xobackup_core.formats.vhd_structs import (
@@ -312,6 +312,17 @@ def _bitmap_size(disk: VhdDisk) -> int:
     return disk.header.bitmap_size if disk.header is not None else 0
 
 
+def _leaf_size(remote: Remote, path: str) -> int | None:
+    try:
+        [leaf] = _open_children(remote, [path])
+    except (FormatError, RemoteError):
+        return None
+    try:
+        return leaf.size
+    finally:
+        leaf.close()
+
+
 def _cleanup(
     remote: Remote, paths: list[str], state_path: str, state: dict, *, resumed: bool
 ) -> MergeResult:
@@ -319,7 +330,10 @@ def _cleanup(
     if remote.exists(parent_path):
         with remote.open_update(parent_path) as file:
             parent = VhdFile.open_update(file, f"{remote.name}:{parent_path}", force=True)
-            size = int(state["diskSize"])
+            # Not the state's ``diskSize``: Xen Orchestra records the size on disk there. The
+            # newest child has the virtual size until the rename below; if XO's cleanup
+            # already deleted it, XO had given the parent its metadata.
+            size = _leaf_size(remote, leaf_path) or parent.size
             footer = parent.footer.replace(
                 uuid=uuidlib.UUID(state["child"]["uuid"]),
                 timestamp=vhd_timestamp(time.time()),
