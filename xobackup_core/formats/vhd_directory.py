@@ -318,10 +318,26 @@ class VhdDirectory(WritableVhdDisk):
             return self.remote.read_bytes(path)
         except RemoteNotFoundError:
             raise FormatError(
-                "block is marked present in bat but its file is missing",
+                "block is marked present in bat but its file is missing"
+                + self._pending_merge_hint(),
                 path=f"{self.remote.name}:{path}",
                 field=f"bat[{index}]",
             ) from None
+
+    def _pending_merge_hint(self) -> str:
+        """Why a block file can be missing: a merge (ours or Xen Orchestra's) that moved
+        it and was cut short leaves its state file beside the disks' aliases."""
+        folder = posixpath.dirname(posixpath.dirname(self.directory))
+        try:
+            states = [n for n in self.remote.list(folder) if n.endswith(".merge.json")]
+        except RemoteError:
+            return ""
+        if not states:
+            return ""
+        return (
+            f" (an interrupted merge is pending in {join_path(folder, states[0])}; the next "
+            "backup run of this job finishes it)"
+        )
 
     def _read_block_file(self, index: int, limit: int) -> bytes:
         raw = self._read_raw_block(index)
