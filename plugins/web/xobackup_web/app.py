@@ -152,6 +152,21 @@ class BackupsOut(BaseModel):
     errors: list[RemoteErrorOut] = Field(description="remotes that could not be read")
 
 
+class VmBackupRow(BackupRow):
+    jobName: str
+
+
+class VmBackups(BaseModel):
+    vm: str
+    vmName: str
+    remotes: dict[str, list[VmBackupRow]] = Field(description="remote name → its backups")
+
+
+class BackupsByVmOut(BaseModel):
+    vms: list[VmBackups]
+    errors: list[RemoteErrorOut]
+
+
 class RemoteOut(BaseModel):
     name: str
     type: str
@@ -365,6 +380,11 @@ def create_app(overview: Overview, auth: Auth) -> FastAPI:
     ) -> Any:
         """Every backup on the remotes (as `xobackup backups list --json`)."""
         return scrub.data(overview.backups(vm=vm, remote=remote))
+
+    @app.get("/api/backups/by-vm", response_model=BackupsByVmOut, tags=["backups"])
+    def api_backups_by_vm(vm: str | None = Query(None, description="VM uuid or name")) -> Any:
+        """The backups page's data: per VM, per remote, newest first (rows with `jobName`)."""
+        return scrub.data(overview.backups_per_vm(vm=vm))
 
     @app.get(
         "/api/events",

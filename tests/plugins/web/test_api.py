@@ -87,12 +87,18 @@ def test_backups_per_remote_and_unreachable_remote(site: Site):
         listing = client.get("/api/backups").json()
         one_vm = client.get("/api/backups", params={"vm": next(iter(site.vms.values()))}).json()
         remotes = client.get("/api/remotes").json()
+        by_vm = client.get("/api/backups/by-vm").json()
     assert {row["vm"] for row in listing["backups"]} == set(site.vms)
     assert {row["remote"] for row in listing["backups"]} == {"nas"}
     assert all(row["mode"] == "delta" and row["size"] > 0 for row in listing["backups"])
     assert {row["vm"] for row in one_vm["backups"]} == {next(iter(site.vms))}
     (problem,) = listing["errors"]
     assert problem["remote"] == "offsite" and "127.0.0.1:1" in problem["error"]
+    assert {vm["vm"]: vm["vmName"] for vm in by_vm["vms"]} == site.vms
+    for vm in by_vm["vms"]:
+        rows = vm["remotes"]["nas"]
+        assert rows == sorted(rows, key=lambda row: -row["timestamp"])
+        assert {row["jobName"] for row in rows} == {"nightly"}
     offsite = next(remote for remote in remotes if remote["name"] == "offsite")
     assert offsite["url"] == "smb://backup:***@127.0.0.1:1/share"
 
