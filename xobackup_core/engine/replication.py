@@ -102,23 +102,37 @@ def protect_replica(
     name: str | None,
     tag: str,
     other_config: Mapping[str, str | None],
+    current: Vm | None = None,
 ) -> bool:
     """Name, tag and mark a replica, block its start, and clear its HA restart priority.
 
-    Returns True when HA had to be disabled.
+    ``current``: the replica as read earlier in the run (else it is read now); only what
+    differs from it is written, as each map entry costs XAPI calls. Returns True when HA had
+    to be disabled.
     """
-    current = _vm(driver, vm_uuid)
-    ha_on = bool(current.ha_restart_priority) if current is not None else False
+    if current is None:
+        current = _vm(driver, vm_uuid)
+    if current is None:
+        current = Vm(vm_uuid, "", "", "Halted")
+    ha_on = bool(current.ha_restart_priority)
     tags: tuple[str, ...] = (tag, HA_DISABLED_TAG) if ha_on else (tag,)
+    blocked = {"start": START_BLOCKED, "start_on": START_BLOCKED}
     driver.update_vm(
         vm_uuid,
-        name=name,
-        add_tags=tags,
-        other_config=other_config,
-        blocked_operations={"start": START_BLOCKED, "start_on": START_BLOCKED},
+        name=None if name == current.name else name,
+        add_tags=tuple(t for t in tags if t not in current.tags),
+        other_config=_changes(current.other_config, other_config),
+        blocked_operations=_changes(current.blocked_operations, blocked),
         ha_restart_priority="" if ha_on else None,
     )
     return ha_on
+
+
+def _changes(current: Mapping[str, str], wanted: Mapping[str, str | None]) -> dict[str, str | None]:
+    """The entries of ``wanted`` that would change ``current`` (None removes a key)."""
+    return {
+        k: v for k, v in wanted.items() if (k in current if v is None else current.get(k) != str(v))
+    }
 
 
 def _vm(driver: HypervisorDriver, vm_uuid: str) -> Vm | None:
@@ -875,6 +889,7 @@ class Replication:
                     name=f"{b.vm.name} - {b.job['name']}",
                     tag=CR_TAG,
                     other_config={**keys, REPLICATED_KEY: snapshot.uuid, MEMORY_KEY: memory},
+                    current=plan.replica,
                 )
                 if ha:
                     b.task.info(f"HA restart priority cleared on the replica on {target.label}")
