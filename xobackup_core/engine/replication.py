@@ -670,7 +670,8 @@ class Replication:
         self, target: SrTarget, base: Vm | None, disks: Sequence[Disk], memory: bool
     ) -> tuple[Vm | None, str]:
         """The replica a delta against ``base`` can update in place, or None and why."""
-        replicas = [r for r in self.cr_replicas(target, target.driver.inventory().vms)]
+        vms = target.driver.inventory().vms
+        replicas = self.cr_replicas(target, vms)
         if not replicas:
             return None, "no replica there yet"
         replicas = [r for r in replicas if REPLICATED_KEY in r.other_config]
@@ -717,7 +718,7 @@ class Replication:
                     f"{disk.name}: a new replica is made"
                 )
                 return None, f"the replica lacks disk {disk.name}"
-        if self.replica_changed(target, replica):
+        if self.replica_changed(target, replica, vms):
             self.release(target, replica)
             self.backup.task.warning(
                 f"the disks of replica {replica.name} on {target.label} changed since the last "
@@ -757,11 +758,11 @@ class Replication:
         if REPLICATED_KEY in replica.other_config:
             target.driver.update_vm(replica.uuid, other_config={REPLICATED_KEY: None})
 
-    def replica_changed(self, target: SrTarget, replica: Vm) -> bool:
+    def replica_changed(self, target: SrTarget, replica: Vm, vms: Sequence[Vm]) -> bool:
         """Did a disk of the replica change since its last snapshot (taken right after the
         last transfer)? A delta export of each disk against its snapshot must be empty."""
         snapshots = sorted(
-            (v for v in target.driver.inventory().vms if v.snapshot_of == replica.uuid),
+            (v for v in vms if v.snapshot_of == replica.uuid),
             key=lambda v: (v.other_config.get("xo:backup:datetime", ""), v.uuid),
         )
         if not snapshots:
