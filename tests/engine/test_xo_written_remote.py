@@ -39,6 +39,7 @@ EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
 VHD_VM = "1f0e2d3c-4b5a-4697-8876-5a4b3c2d1e0f"
 VHDDIR_VM = "2e1d0c9b-8a7f-4e6d-9c5b-4a3f2e1d0c9b"
 XVA_VM = "3c2b1a0f-9e8d-4c7b-8a6f-5e4d3c2b1a0f"
+TWO_DISKS_VM = "5e4d3c2b-1a0f-4e9d-8c7b-6a5f4e3d2c1b"
 INTERRUPTED_VM = "4d3c2b1a-0f9e-4d8c-9b7a-6f5e4d3c2b1a"
 ALL_BACKUPS = [(vm, backup) for vm, spec in EXPECTED["vms"].items() for backup in spec["backups"]]
 # The oldest backup of the VM whose last XO merge was cut short reads only once the merge is
@@ -188,11 +189,19 @@ def test_xo_backup_restores_bit_exact(xo_remote, tmp_path, restore_pool, vm, tim
             result = restore_backup(remote, backup, driver, sr_uuid=sr.uuid, pool=pool)
             restored = driver.inventory().vm(result.vm_uuid)
             assert restored.name.startswith(EXPECTED["vms"][vm]["name"])
-            [disk] = restored.disks
-            size = restore_pool.vdi_data(disk.vdi_uuid).size
-            content = restore_pool.read(disk.vdi_uuid, 0, size)
-            assert size == EXPECTED["diskSize"]
-            assert hashlib.sha256(content).hexdigest() == expected["sha256"]
+            # every disk back at the device it had, with the content it had
+            # (XO's XVA writer, @xen-orchestra/xva, numbers the disks of ova.xml from 1)
+            root = "1" if EXPECTED["vms"][vm]["layout"] == "xva" else "0"
+            wanted = {root: (EXPECTED["diskSize"], expected["sha256"])}
+            if "dataDisk" in expected:
+                data = expected["dataDisk"]
+                wanted[data["userdevice"]] = (EXPECTED["dataDiskSize"], data["sha256"])
+            got = {}
+            for disk in restored.disks:
+                size = restore_pool.vdi_data(disk.vdi_uuid).size
+                content = restore_pool.read(disk.vdi_uuid, 0, size)
+                got[disk.device] = (size, hashlib.sha256(content).hexdigest())
+            assert got == wanted
         finally:
             driver.close()
     finally:
@@ -253,6 +262,33 @@ def test_files_ls_and_get_from_xo_backups(xo_remote, tmp_path, vm):
             data = (out / path.rsplit("/", 1)[1]).read_bytes()
             assert len(data) == info["size"]
             assert hashlib.sha256(data).hexdigest() == info["sha256"], path
+
+
+def test_files_from_the_second_disk_of_an_xo_backup(xo_remote, tmp_path):
+    config = str(write_config(tmp_path, xo_remote))
+    spec = EXPECTED["vms"][TWO_DISKS_VM]
+    first, second = spec["backups"]
+    disks = run_cli("--config", config, "files", "ls", "--json", f"xo:{TWO_DISKS_VM}/latest")
+    assert disks.returncode == 0, disks.stderr
+    listed = {d["device"]: d for d in json.loads(disks.stdout)}
+    assert set(listed) == {"0", "2"}
+    assert listed["2"]["vdi"] == second["dataDisk"]["vdi"]
+    assert listed["2"]["size"] == EXPECTED["dataDiskSize"]
+    for backup in (first, second):
+        ref = f"xo:{TWO_DISKS_VM}/{format_timestamp(backup['timestamp'])}"
+        files = EXPECTED["dataImages"][backup["dataDisk"]["version"] - 1]["files"]
+        db = run_cli("--config", config, "files", "ls", "--json", ref, "2", "whole", "/db")
+        assert db.returncode == 0, db.stderr
+        assert {e["name"] for e in json.loads(db.stdout)} == {
+            p.split("/")[-1] for p in files if p.startswith("/db/")
+        }
+        out = tmp_path / format_timestamp(backup["timestamp"])
+        got = run_cli(
+            "--config", config, "files", "get", ref, "2", "whole", "/notes.txt", "--to", str(out)
+        )
+        assert got.returncode == 0, got.stderr
+        notes = (out / "notes.txt").read_bytes()
+        assert hashlib.sha256(notes).hexdigest() == files["/notes.txt"]["sha256"]
 
 
 def test_file_restore_of_an_xva_backup_is_refused_clearly(xo_remote, tmp_path):
@@ -431,7 +467,7 @@ def test_pending_xo_merge_is_reported_then_finished_by_the_next_run(tmp_path):
     first_backup = spec["backups"][0]["timestamp"]
     oldest = repository.read_metadata(metadata_path(INTERRUPTED_VM, first_backup))
     [path] = oldest.vhd_paths.values()
-    with pytest.raises(FormatError, match="file is missing .an interrupted merge is pending"):
+    with pytest.raises(FormatError, match=r"file is missing \(an interrupted merge is pending"):
         sha256_of_chain(remote, path)
 
     with Simulator(pools=1, vms=0, hosts=1, disk_size=32 * MiB, data_dir=tmp_path / "sim") as sim:
