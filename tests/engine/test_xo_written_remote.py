@@ -540,6 +540,57 @@ def test_xo_form_merge_state_of_vhd_files_resumes_to_the_virtual_size(tmp_path):
     assert read_chain(tmp_path / child) == bytes(chain.expected)
 
 
+def test_another_job_on_the_same_vm_leaves_xo_history_alone(tmp_path):
+    """Our own job (not XO's) backing up the same VM with a retention of 1: XO's backups
+    and their files stay byte for byte; the cache lists both jobs' backups."""
+    spec = EXPECTED["vms"][VHDDIR_VM]
+    root = extract_remote(tmp_path / "fixture")
+    before = {
+        p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (root / "xo-vm-backups" / VHDDIR_VM).rglob("*")
+        if p.is_file() and p.name != CACHE_NAME
+    }
+    remote = LocalRemote(root)
+    repository = BackupRepository(remote)
+    with Simulator(pools=1, vms=0, hosts=1, disk_size=32 * MiB, data_dir=tmp_path / "sim") as sim:
+        harness = Harness(tmp_path, sim)
+        driver = harness.plugins.hypervisor(harness.config({}).server_view("pool0"))
+        try:
+            pool = driver.inventory().pools[0]
+            sr = next(sr for sr in pool.srs if sr.name == "Shared storage")
+            newest = repository.list_backups(VHDDIR_VM)[-1]
+            restored = restore_backup(remote, newest, driver, sr_uuid=sr.uuid, pool=pool)
+        finally:
+            driver.close()
+        adopt_vm(sim, restored.vm_uuid, VHDDIR_VM, spec["vdi"])
+        settings = {"exportRetention": 1, "useVhdDirectory": True}
+        config = harness.config(
+            {
+                "ours": {
+                    "mode": "delta",
+                    "remotes": ["xo"],
+                    "vms": [VHDDIR_VM],
+                    "settings": settings,
+                }
+            },
+            remotes={"xo": {"url": f"file://{root}"}},
+        )
+        ticks = itertools.count(time.time(), 60)
+        for _ in range(2):
+            assert harness.run(config, "ours", clock=lambda: next(ticks)).status == "success"
+        harness.store.close()
+    after = {
+        p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (root / "xo-vm-backups" / VHDDIR_VM).rglob("*")
+        if p.is_file() and p.name != CACHE_NAME
+    }
+    assert {k: v for k, v in after.items() if k in before} == before
+    backups = repository.list_backups(VHDDIR_VM)
+    assert [b.job_id for b in backups[:3]] == [spec["jobId"]] * 3
+    assert len(backups) == 4 and backups[3].job_id != spec["jobId"]
+    assert set(read_cache(root, VHDDIR_VM)) == {b.path for b in backups}
+
+
 # -- gaps on the writing side, found with this fixture (strict xfail: they pass once fixed) ------
 def adopt_and_run(tmp_path: Path, vm: str, schedules: dict, schedule_key: str) -> BackupRepository:
     """Restore the XO-backed-up VM into a fresh pool as that same VM, then run the XO job
