@@ -39,6 +39,10 @@ CR_TAG = "Continuous Replication"
 def run_job(config_path: str, job: str) -> dict[str, Any]:
     """Run one job from a config file (in a child process); returns its figures, with the
     bytes its run sent to SRs (from the run's task log)."""
+    # The XAPI driver is imported before the clock starts, like the core modules: with
+    # bytecode caching off (PYTHONDONTWRITEBYTECODE) compiling it would otherwise be timed.
+    import xobackup_hypervisor_xcpng.driver  # noqa: F401
+
     from xobackup_core.config import load_config
     from xobackup_core.engine.runner import JobRunner
     from xobackup_core.logs.store import LogStore, log_path_from_config
