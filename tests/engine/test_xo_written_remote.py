@@ -128,10 +128,20 @@ def test_backups_list_shows_every_xo_backup(xo_remote, tmp_path):
     for backup in EXPECTED["vms"][XVA_VM]["backups"]:
         row = rows[metadata_path(XVA_VM, backup["timestamp"])]
         assert row["size"] == backup["xvaSize"]
+    # the text listing names the job: by its config name when a job has XO's job id
+    spec = EXPECTED["vms"][VHDDIR_VM]
+    with config.open("a") as file:
+        file.write(f'[jobs.xo-nightly]\nid = "{spec["jobId"]}"\nmode = "delta"\n')
+        file.write(f'remotes = ["xo"]\nvms = ["{VHDDIR_VM}"]\n')
     text = run_cli("--config", str(config), "backups", "list", "--vm", "xo-vhddir-vm")
     lines = text.stdout.strip().splitlines()
     assert len(lines) == 3 and all("xo-vhddir-vm" in line and " delta " in line for line in lines)
+    assert all(" xo-nightly " in line for line in lines)
     assert "2026-08-02 04:00:00" in lines[0] and "2026-08-04 04:00:00" in lines[2]
+    text = run_cli("--config", str(config), "backups", "list", "--vm", "xo-xva-vm")
+    lines = text.stdout.strip().splitlines()
+    job = EXPECTED["vms"][XVA_VM]["jobId"][:8]
+    assert len(lines) == 2 and all(" full " in line and f" {job} " in line for line in lines)
 
 
 # -- the disks, read by the format code ------------------------------------------------------------

@@ -65,11 +65,15 @@ def list_command(
     if not rows:
         click.echo("no backups")
         return
+    # The metadata names the job by id only: show the configured job with that id, if any.
+    job_names = {app.config.job_id(key): key for key in app.config.jobs}
     for row in rows:
         moment = datetime.fromtimestamp(row["timestamp"] / 1000, tz=UTC)
+        job = job_names.get(row["jobId"]) or row["jobId"][:8] or "-"
         click.echo(
             f"{row['remote']:<12} {row['vmName'] or row['vm']:<24} "
-            f"{moment:%Y-%m-%d %H:%M:%S} {row['mode']:<5} {_size(row['size']):>10}  {row['id']}"
+            f"{moment:%Y-%m-%d %H:%M:%S} {row['mode']:<5} {_size(row['size']):>10}  "
+            f"{job:<12} {row['id']}"
         )
 
 
