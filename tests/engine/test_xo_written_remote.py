@@ -212,6 +212,16 @@ def test_xo_backup_restores_bit_exact(xo_remote, tmp_path, restore_pool, vm, tim
                 content = restore_pool.read(disk.vdi_uuid, 0, size)
                 got[disk.device] = (size, hashlib.sha256(content).hexdigest())
             assert got == wanted
+            if "memory" in expected:
+                # a checkpoint: back Suspended, with its memory image
+                assert result.suspended and restored.power_state == "Suspended"
+                memory = restored.suspend_vdi_uuid
+                size = restore_pool.vdi_data(memory).size
+                content = restore_pool.read(memory, 0, size)
+                assert size == expected["memory"]["size"]
+                assert hashlib.sha256(content).hexdigest() == expected["memory"]["sha256"]
+            else:
+                assert not result.suspended and restored.power_state == "Halted"
         finally:
             driver.close()
     finally:
