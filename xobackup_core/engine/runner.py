@@ -48,6 +48,7 @@ from xobackup_core.errors import (
     FormatError,
     RemoteError,
     RemoteNotFoundError,
+    UsageError,
     XobackupError,
 )
 from xobackup_core.formats.vhd_chain import open_vhd_chain
@@ -75,6 +76,32 @@ MIGRATION_BLOCKED = "VM migration is blocked during backup"
 NO_BACKUP_DISK_MARK = "[NOBAK]"
 XVA_CHECKSUM_PREFIX = "$1$$"
 """``.xva.checksum`` holds the XVA's MD5 in crypt-like form, as Xen Orchestra writes it."""
+
+
+OFFLINE_BACKUP_TAG = "xo-offline-backup"
+"""A VM tag that turns ``offlineSnapshot`` on for that VM (XO, xo-backups.md §6)."""
+
+
+def check_offline_settings(settings: Mapping[str, Any], mode: str, where: str) -> None:
+    """Refuse the combinations Xen Orchestra refuses (xo-backups.md §3.2).
+
+    ``offlineBackup`` exports the VM itself while it is shut down: there is no snapshot to
+    keep, so it cannot go with ``snapshotRetention``; and XO offers it for full backups only
+    (a delta needs a snapshot as the next base, which is what ``offlineSnapshot`` gives).
+    """
+    if not settings["offlineBackup"]:
+        return
+    if settings["snapshotRetention"]:
+        raise UsageError(
+            f"{where}: offlineBackup cannot go with snapshotRetention "
+            f"{settings['snapshotRetention']} (the VM itself is exported, no snapshot is "
+            "kept); set snapshotRetention = 0 or use offlineSnapshot"
+        )
+    if mode != "full":
+        raise UsageError(
+            f'{where}: offlineBackup is for full backups (mode = "full"); a {mode} job '
+            "needs a snapshot as its next base: use offlineSnapshot instead"
+        )
 
 
 def snapshot_name(job_name: str, vm_name: str) -> str:
@@ -116,8 +143,12 @@ class JobRunner:
         clock: Callable[[], float] = time.time,
         drivers: Mapping[str, HypervisorDriver] | None = None,
         progress: Progress | None = None,
+        shutdown_force_after: float | None = None,
     ) -> None:
         self.config = config
+        self.shutdown_force_after = shutdown_force_after
+        """Offline backups: seconds after which a guest that ignores the clean shutdown is
+        powered off hard. None (XO's behaviour): wait, and fail the VM if it never halts."""
         self.progress = progress or Progress()
         self.plugins = plugins
         self.log_store = log_store
@@ -205,6 +236,7 @@ class JobRunner:
             pools=tuple(p for inv in inventories.values() for p in inv.pools),
             vms=tuple(v for inv in inventories.values() for v in inv.vms),
         )
+        check_offline_settings(settings, job.mode, f"job {job_view['name']!r}")
         vms = self.plugins.select_vms(job_view, merged)
         recorder.info("vms", {"vms": [vm.uuid for vm in vms]})
         if not vms:
@@ -355,6 +387,19 @@ class _VmBackup:
         self.guard = guard
         self.deadline = deadline
         self._streams: set[Any] = set()
+        offline_snapshot = bool(settings["offlineSnapshot"]) or OFFLINE_BACKUP_TAG in vm.tags
+        self.start_after: str | None = None
+        """``backup`` or ``snapshot``: this run shuts the (Running) VM down and starts it
+        again after the export or right after the snapshot (XO's offline modes, §3.2)."""
+        if vm.power_state == "Running":
+            if settings["offlineBackup"]:
+                self.start_after = "backup"
+            elif offline_snapshot:
+                self.start_after = "snapshot"
+        self.stopped = False
+        """This run has shut the VM down and not started it again yet."""
+        self.runs_at_snapshot = vm.power_state == "Running" and self.start_after is None
+        """The VM runs when it is snapshotted (so a memory backup has memory to keep)."""
         self.replication = Replication(self, [SrTarget(t.sr, t.pool, t.driver) for t in sr_targets])
 
     def check(self) -> None:
@@ -456,6 +501,42 @@ class _VmBackup:
 
     def _run_locked(self) -> None:
         mode = self.job["mode"]
+        check_offline_settings(self.settings, mode, f"VM {self.vm.name!r}")
+        try:
+            self._back_up()
+        except BaseException:
+            # the VM is started again whatever happened to the backup (XO does the same)
+            if self.stopped:
+                try:
+                    self.start_vm()
+                except XobackupError as restart_error:
+                    self.task.warning(f"could not start the VM again: {restart_error}")
+            raise
+        if self.stopped:
+            try:
+                self.start_vm()
+            except XobackupError as error:
+                raise XobackupError(
+                    f"the backup is done but the VM could not be started again: {error}"
+                ) from error
+
+    def stop_vm(self) -> None:
+        """Offline modes: shut the VM down cleanly before its snapshot or export."""
+        if self.start_after is None or self.stopped:
+            return
+        self.runner.progress.stage(self.vm.uuid, "shutdown")
+        with self.recorder.task("shutdown", {"mode": self.start_after}, parent=self.task):
+            self.driver.shutdown_vm(self.vm.uuid, force_after=self.runner.shutdown_force_after)
+            self.stopped = True
+
+    def start_vm(self) -> None:
+        """Start the VM this run shut down."""
+        self.stopped = False
+        with self.recorder.task("start", parent=self.task):
+            self.driver.start_vm(self.vm.uuid)
+
+    def _back_up(self) -> None:
+        mode = self.job["mode"]
         blocked_before = dict(self.vm.blocked_operations)
         self.driver.update_vm(
             self.vm.uuid,
@@ -487,21 +568,35 @@ class _VmBackup:
                 self.task.warning(f"could not unblock migration: {error}")
 
     def take_snapshot(self, timestamp_ms: int, ignore: tuple[str, ...] = ()) -> Vm:
+        self.stop_vm()
+        snapshot = self._take_snapshot(timestamp_ms, ignore)  # failing: the run restarts it
+        if self.start_after == "snapshot" and self.stopped:
+            # offlineSnapshot: the downtime ends with the snapshot, not with the export
+            try:
+                self.start_vm()
+            except XobackupError as error:
+                self.stopped = True  # tried again once the export is over
+                self.task.warning(f"could not start the VM after its snapshot: {error}")
+        return snapshot
+
+    def _take_snapshot(self, timestamp_ms: int, ignore: tuple[str, ...] = ()) -> Vm:
         memory = bool(self.settings["checkpointSnapshot"]) or "xo-memory-backup" in self.vm.tags
         self.runner.progress.stage(self.vm.uuid, "snapshot")
-        with self.slot("snapshots"), self.recorder.task("snapshot", parent=self.task) as step:
-            snapshot = self.driver.snapshot(
-                self.vm.uuid,
-                snapshot_name(self.job["name"], self.vm.name),
-                quiesce=bool(self.settings["quiesce"]),
-                memory=memory,
-                ignore_vdis=ignore,
-            )
+        with self.recorder.task("snapshot", parent=self.task) as step:
+            # the pool's snapshot slot covers the snapshot itself, not its bookkeeping
+            with self.slot("snapshots"):
+                snapshot = self.driver.snapshot(
+                    self.vm.uuid,
+                    snapshot_name(self.job["name"], self.vm.name),
+                    quiesce=bool(self.settings["quiesce"]),
+                    memory=memory,
+                    ignore_vdis=ignore,
+                )
             if snapshot.other_config.get("xo:quiesce-fallback"):
                 step.warning("quiesced snapshot refused by the host: plain snapshot taken")
-            self.driver.update_vm(
-                snapshot.uuid,
-                other_config={
+            self.mark_snapshot(
+                snapshot,
+                {
                     "xo:backup:job": self.job_id,
                     "xo:backup:schedule": self.schedule_id,
                     "xo:backup:vm": self.vm.uuid,
@@ -510,6 +605,16 @@ class _VmBackup:
             )
             step.set_result(id=snapshot.uuid)
         return snapshot
+
+    def mark_snapshot(self, snapshot: Vm, keys: Mapping[str, str]) -> None:
+        """Set backup keys in ``other_config`` of a snapshot and of each of its disks.
+
+        Xen Orchestra keeps them on the VDIs too (xo-backups.md §7.4) and finds a delta's
+        base per disk from them, so a snapshot this engine took serves as XO's base as well.
+        """
+        self.driver.update_vm(snapshot.uuid, other_config=keys)
+        for disk in snapshot.disks:
+            self.driver.update_vdi(disk.vdi_uuid, other_config=keys)
 
     def base_metadata(self, timestamp_ms: int, snapshot: Vm) -> dict[str, Any]:
         return {
@@ -527,14 +632,18 @@ class _VmBackup:
         skipped = tuple(d.vdi_uuid for d in self.vm.disks if NO_BACKUP_DISK_MARK in d.name)
         timestamp_ms = self.new_timestamp()
         must_snapshot = (
-            self.vm.power_state != "Halted"
+            (self.vm.power_state != "Halted" and self.start_after != "backup")
             or self.settings["unconditionalSnapshot"]
             or self.settings["snapshotRetention"] > 0
             or bool(skipped)
         )
         if self.settings["deleteFirst"]:
             self.apply_retention("full", reserve=1)
-        snapshot = self.take_snapshot(timestamp_ms, ignore=skipped) if must_snapshot else self.vm
+        if must_snapshot:
+            snapshot = self.take_snapshot(timestamp_ms, ignore=skipped)
+        else:
+            self.stop_vm()  # offlineBackup: the VM itself is exported while it is down
+            snapshot = self.vm
         stamp = format_timestamp(timestamp_ms)
         compression = {"": "none", "native": "gzip"}.get(
             self.job["compression"], self.job["compression"]
@@ -544,7 +653,8 @@ class _VmBackup:
             self.task.warning("replication to SRs: the XVA is exported uncompressed")
             compression = "none"
         memory = bool(self.settings["checkpointSnapshot"]) or "xo-memory-backup" in self.vm.tags
-        self.replication.plan_dr(memory and self.vm.power_state == "Running")
+        # a VM shut down for its backup has no memory to keep
+        self.replication.plan_dr(memory and self.runs_at_snapshot)
         if self.settings["deleteFirst"]:
             self.replication.rotate_dr(reserve=1)
         try:
@@ -560,7 +670,7 @@ class _VmBackup:
         """A job whose only target is the VM itself: snapshot, then rotate (XO §1.5)."""
         snapshot = self.take_snapshot(self.runner.now_ms())
         if self.job["mode"] == "delta":
-            self.driver.update_vm(snapshot.uuid, other_config={"xo:backup:exported": "true"})
+            self.mark_snapshot(snapshot, {"xo:backup:exported": "true"})
         self.rotate_snapshots(keep=self.settings["snapshotRetention"], newest=snapshot)
 
     def export_xva(self, snapshot: Vm, stamp: str, timestamp_ms: int, compression: str) -> None:
@@ -702,7 +812,7 @@ class _VmBackup:
         base, reason = self.select_base(live_disks)
         memory = bool(self.settings["checkpointSnapshot"]) or "xo-memory-backup" in self.vm.tags
         base, reason = self.replication.plan_cr(
-            base, reason, live_disks, memory and self.vm.power_state == "Running"
+            base, reason, live_disks, memory and self.runs_at_snapshot
         )
         if base is None:
             self.task.info(f"full backup: {reason}")
@@ -743,9 +853,9 @@ class _VmBackup:
                 if base is not None:
                     chain_length = int(base.other_config.get("xo:backup:deltaChainLength", "0"))
                     chain_length += 1
-                self.driver.update_vm(
-                    snapshot.uuid,
-                    other_config={
+                self.mark_snapshot(
+                    snapshot,
+                    {
                         "xo:backup:exported": "true",
                         "xo:backup:deltaChainLength": str(chain_length),
                     },

@@ -55,6 +55,7 @@ from xobackup_hypervisor_xcpng.driver_rpc import (
     Endpoint,
     TlsPolicy,
     XapiSession,
+    XapiTimeoutError,
     is_null,
 )
 
@@ -73,6 +74,9 @@ QUIESCE_UNAVAILABLE = (
     "VM_SNAPSHOT_WITH_QUIESCE_PLUGIN_DOES_NOT_RESPOND",
 )
 """Answers meaning "no quiesced snapshot here" (§3.1); ``XEN_VSS_REQ_ERROR_*`` too."""
+
+NO_CLEAN_SHUTDOWN = ("VM_MISSING_PV_DRIVERS", "VM_LACKS_FEATURE_SHUTDOWN", "VM_LACKS_FEATURE")
+"""Answers to ``VM.clean_shutdown`` meaning "this guest cannot be asked to shut down"."""
 
 _INT_FIELDS = {
     "VM": (
@@ -197,6 +201,22 @@ class XapiDriver(HypervisorDriver):
             protocol=str(options.get("protocol", "auto")),
         )
         self._cache_lock = threading.Lock()
+        self._refs: dict[tuple[str, str], str] = {}
+        """(class, uuid) -> ref of objects seen in this session; refs change only when XAPI
+        restarts, which makes the session log in again (a new generation)."""
+        self._refs_generation = -1
+        self._sr_endpoints: dict[str, Endpoint] = {}
+        """SR ref -> the host serving its transfers (same lifetime as ``_refs``)."""
+        self._uuids: dict[str, str] = {}
+        """ref -> uuid, the other way round of ``_refs``."""
+        self._sr_identity: dict[str, dict[str, Any]] = {}
+        """SR ref -> the fields of its record that never change (uuid, content_type)."""
+        self._taken: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        """Snapshots this driver took: VM ref -> (record, VBD records). A snapshot's devices
+        never change, so its delta metadata needs no second read of them."""
+        self._own_maps: dict[tuple[str, str], dict[str, str]] = {}
+        """``other_config`` of those snapshots and of their disks, as this driver last wrote
+        it: the backup keys are then written in one call instead of one per key."""
         self._pool: dict[str, Any] | None = None
         self._flavour: str | None = None
         self.session.login()
@@ -234,11 +254,57 @@ class XapiDriver(HypervisorDriver):
         return self._flavour
 
     def _ref(self, cls: str, uuid: str) -> str:
-        return self.call(f"{cls}.get_by_uuid", uuid)
+        """The ref of an object, from what this session has seen or from XAPI."""
+        generation = self.session.generation
+        with self._cache_lock:
+            if generation != self._refs_generation:
+                self._new_generation(generation)
+            ref = self._refs.get((cls, uuid))
+        if ref is None:
+            ref = self.call(f"{cls}.get_by_uuid", uuid)
+            self._remember(generation, [(cls, uuid, ref)])
+        return ref
+
+    def _remember(self, generation: int, refs: list[tuple[str, str, str]]) -> None:
+        """Note (class, uuid, ref) read while the session was at ``generation``."""
+        with self._cache_lock:
+            if generation != self._refs_generation:
+                if generation != self.session.generation:
+                    return  # read before a new login: the refs may be stale
+                self._new_generation(generation)
+            for cls, uuid, ref in refs:
+                self._refs[(cls, uuid)] = ref
+                self._uuids[ref] = uuid
+
+    def _new_generation(self, generation: int) -> None:
+        """Forget every ref (XAPI renumbers them when it restarts); call with the lock."""
+        for memo in (self._refs, self._sr_endpoints, self._uuids, self._sr_identity):
+            memo.clear()
+        self._taken.clear()
+        self._own_maps.clear()
+        self._refs_generation = generation
+
+    def _uuid_of(self, cls: str, ref: str) -> str:
+        """The uuid of an object known by ref (from what this session has seen, or XAPI)."""
+        with self._cache_lock:
+            uuid = self._uuids.get(ref)
+        return uuid if uuid is not None else self.call(f"{cls}.get_uuid", ref)
+
+    def _forget(self, cls: str, refs: list[str]) -> None:
+        """Objects that are gone (a uuid is never reused, a ref may come back renumbered)."""
+        gone = set(refs)
+        with self._cache_lock:
+            for ref in gone:
+                uuid = self._uuids.pop(ref, None)
+                if uuid is not None:
+                    self._refs.pop((cls, uuid), None)
+                self._taken.pop(ref, None)
+                self._own_maps.pop((cls, ref), None)
 
     # -- inventory ------------------------------------------------------------------------------
     def inventory(self) -> Inventory:
         """Pools, hosts (with CPU info), SRs, networks and VMs, read now."""
+        generation = self.session.generation
         tables = {
             cls: self.call(f"{cls}.get_all_records")
             for cls in ("pool", "host", "SR", "PBD", "network", "VM", "VBD", "VDI")
@@ -291,6 +357,11 @@ class XapiDriver(HypervisorDriver):
             if record.get("is_a_template") and not record.get("is_a_snapshot"):
                 continue
             vms.append(self._vm(ref, record, pool_uuid, tables))
+        self._remember(
+            generation,
+            [("VM", r["uuid"], ref) for ref, r in tables["VM"].items()]
+            + [("VDI", r["uuid"], ref) for ref, r in tables["VDI"].items()],
+        )
         return Inventory(pools=(pool,), vms=tuple(vms))
 
     @staticmethod
@@ -386,7 +457,9 @@ class XapiDriver(HypervisorDriver):
         ref = self._ref("VM", uuid)
         return self._load_vm(ref)
 
-    def _load_vm(self, ref: str) -> Vm:
+    def _load_vm(self, ref: str, *, taken: bool = False) -> Vm:
+        """A VM read now; ``taken``: a snapshot this driver has just taken (remembered)."""
+        generation = self.session.generation
         record = self.call("VM.get_record", ref)
         vbds: dict[str, Any] = {}
         vdis: dict[str, Any] = {}
@@ -400,9 +473,7 @@ class XapiDriver(HypervisorDriver):
         vms: dict[str, Any] = {}
         if not is_null(record.get("snapshot_of")):
             try:
-                vms[record["snapshot_of"]] = {
-                    "uuid": self.call("VM.get_uuid", record["snapshot_of"])
-                }
+                vms[record["snapshot_of"]] = {"uuid": self._uuid_of("VM", record["snapshot_of"])}
             except HypervisorError:
                 pass
         hosts: dict[str, Any] = {}
@@ -411,6 +482,20 @@ class XapiDriver(HypervisorDriver):
                 "uuid": self.call("host.get_uuid", record["resident_on"])
             }
         tables = {"VBD": vbds, "VDI": vdis, "SR": srs, "VM": vms, "host": hosts}
+        self._remember(
+            generation,
+            [("VM", record["uuid"], ref)]
+            + [("VDI", r["uuid"], vdi) for vdi, r in vdis.items() if "SR" in r],
+        )
+        if taken:
+            with self._cache_lock:
+                if generation == self._refs_generation:
+                    self._taken[ref] = (dict(record), vbds)
+                    self._own_maps[("VM", ref)] = dict(record.get("other_config") or {})
+                    for vdi, vdi_record in vdis.items():
+                        if "SR" in vdi_record:
+                            other = dict(vdi_record.get("other_config") or {})
+                            self._own_maps[("VDI", vdi)] = other
         return self._vm(ref, record, self._pool_record()["uuid"], tables)
 
     def _load_vdi(self, ref: str, vdis: dict[str, Any], srs: dict[str, Any]) -> None:
@@ -420,12 +505,20 @@ class XapiDriver(HypervisorDriver):
             if error.code == "HANDLE_INVALID":
                 return
             raise
-        if vdi.get("SR") not in srs and not is_null(vdi.get("SR")):
-            srs[vdi["SR"]] = self.call("SR.get_record", vdi["SR"])
+        sr = vdi.get("SR")
+        if sr not in srs and not is_null(sr):
+            with self._cache_lock:
+                known = self._sr_identity.get(sr)
+            if known is None:
+                record = self.call("SR.get_record", sr)
+                known = {"uuid": record["uuid"], "content_type": record.get("content_type")}
+                with self._cache_lock:
+                    self._sr_identity[sr] = known
+            srs[sr] = known
         origin = vdi.get("snapshot_of")
         if not is_null(origin) and origin not in vdis:
             try:
-                vdis.setdefault(origin, {"uuid": self.call("VDI.get_uuid", origin)})
+                vdis.setdefault(origin, {"uuid": self._uuid_of("VDI", origin)})
             except HypervisorError:
                 pass
 
@@ -436,7 +529,10 @@ class XapiDriver(HypervisorDriver):
         "networks": {ref: record}}`` — refs as XAPI gave them, so the VM record's ``VBDs`` and
         ``VIFs`` point into these maps. Network records also carry the ``VLAN`` of their PIFs.
         """
-        record = self.call("VM.get_record", self._ref("VM", vm_uuid))
+        ref = self._ref("VM", vm_uuid)
+        with self._cache_lock:
+            taken = self._taken.get(ref)
+        record, known_vbds = taken if taken else (self.call("VM.get_record", ref), {})
         out: dict[str, dict[str, dict[str, Any]]] = {
             "vbds": {},
             "vdis": {},
@@ -444,7 +540,8 @@ class XapiDriver(HypervisorDriver):
             "networks": {},
         }
         for vbd_ref in record.get("VBDs") or []:
-            vbd = out["vbds"][vbd_ref] = self.call("VBD.get_record", vbd_ref)
+            vbd = known_vbds.get(vbd_ref) or self.call("VBD.get_record", vbd_ref)
+            out["vbds"][vbd_ref] = vbd
             if not is_null(vbd.get("VDI")):
                 out["vdis"][vbd["VDI"]] = _coerce("VDI", self.call("VDI.get_record", vbd["VDI"]))
         if not is_null(record.get("suspend_VDI")):
@@ -516,7 +613,7 @@ class XapiDriver(HypervisorDriver):
         except HypervisorError as error:
             if error.code != "LICENSE_RESTRICTION":  # old XenServer editions (§3.1)
                 raise
-        return self._load_vm(snapshot)
+        return self._load_vm(snapshot, taken=True)
 
     def _plain_snapshot(
         self,
@@ -610,7 +707,23 @@ class XapiDriver(HypervisorDriver):
         )
 
     def _endpoint_for_sr(self, sr: str) -> Endpoint:
-        """The host that sees an SR: the master unless the SR is local to a member (§4.1)."""
+        """The host that sees an SR: the master unless the SR is local to a member (§4.1).
+
+        Remembered per SR for the session: where an SR is plugged rarely changes, and when it
+        does XAPI redirects the transfer to the right host (302), which downloads follow.
+        """
+        generation = self.session.generation
+        with self._cache_lock:
+            known = self._sr_endpoints.get(sr) if generation == self._refs_generation else None
+        if known is not None:
+            return known
+        endpoint = self._find_endpoint_for_sr(sr)
+        with self._cache_lock:
+            if generation == self._refs_generation:
+                self._sr_endpoints[sr] = endpoint
+        return endpoint
+
+    def _find_endpoint_for_sr(self, sr: str) -> Endpoint:
         try:
             pbds = self.call("SR.get_PBDs", sr)
             hosts = [self.call("PBD.get_host", pbd) for pbd in pbds]
@@ -920,6 +1033,7 @@ class XapiDriver(HypervisorDriver):
         except HypervisorError as error:
             if error.code != "HANDLE_INVALID":
                 raise
+        self._forget("VM", [ref])
         for vdi in vdis:
             try:
                 if self.call("VDI.get_VBDs", vdi):
@@ -936,6 +1050,7 @@ class XapiDriver(HypervisorDriver):
         except HypervisorError as error:
             if error.code != "HANDLE_INVALID":  # gone already: the goal is reached
                 raise
+        self._forget("VDI", [vdi])
 
     def destroy_disk(self, vdi_uuid: str) -> None:
         """Destroy a VDI (after a failed restore, or a suspend VDI that is not needed)."""
@@ -944,6 +1059,31 @@ class XapiDriver(HypervisorDriver):
         except HypervisorError as error:
             if error.code != "UUID_INVALID":
                 raise
+
+    # -- power --------------------------------------------------------------------------------
+    def shutdown_vm(self, vm_uuid: str, *, force_after: float | None = None) -> None:
+        """``VM.clean_shutdown`` a Running VM; with ``force_after``, ``VM.hard_shutdown`` it
+        when the guest has not halted in that many seconds or cannot be asked (no PV drivers).
+
+        A clean shutdown that outlives ``force_after`` has its task cancelled first, so XAPI
+        is not left with a pending operation on the VM. A Halted VM is left alone.
+        """
+        vm = self._ref("VM", vm_uuid)
+        if self.call("VM.get_power_state", vm) == "Halted":
+            return
+        if force_after is None:
+            self.call_async("VM.clean_shutdown", vm)
+            return
+        try:
+            self.session.call_async("VM.clean_shutdown", vm, timeout=max(force_after, 0.0))
+            return
+        except XapiTimeoutError:
+            pass  # the guest did not halt in time: the task was cancelled, power it off
+        except HypervisorError as error:
+            if error.code not in NO_CLEAN_SHUTDOWN:
+                raise
+        if self.call("VM.get_power_state", vm) != "Halted":
+            self.call_async("VM.hard_shutdown", vm)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def update_vm(
@@ -965,15 +1105,8 @@ class XapiDriver(HypervisorDriver):
             self.call("VM.add_tags", ref, tag)
         for tag in remove_tags:
             self.call("VM.remove_tags", ref, tag)
-        for field, values in (
-            ("other_config", other_config),
-            ("blocked_operations", blocked_operations),
-        ):
-            for key, value in (values or {}).items():
-                # remove then add: add_to_ on an existing key fails (MAP_DUPLICATE_KEY, §1.6)
-                self.call(f"VM.remove_from_{field}", ref, key)
-                if value is not None:
-                    self.call(f"VM.add_to_{field}", ref, key, str(value))
+        self._set_entries("VM", ref, "other_config", other_config)
+        self._set_entries("VM", ref, "blocked_operations", blocked_operations)
         if ha_restart_priority is not None:
             if ha_restart_priority not in ("", "restart", "best-effort"):
                 raise HypervisorError(
@@ -993,10 +1126,42 @@ class XapiDriver(HypervisorDriver):
         ref = self._ref("VDI", vdi_uuid)
         if name is not None:
             self.call("VDI.set_name_label", ref, name)
-        for key, value in (other_config or {}).items():
-            self.call("VDI.remove_from_other_config", ref, key)
-            if value is not None:
-                self.call("VDI.add_to_other_config", ref, key, str(value))
+        self._set_entries("VDI", ref, "other_config", other_config)
+
+    def _set_entries(
+        self, cls: str, ref: str, field: str, values: Mapping[str, str | None] | None
+    ) -> None:
+        """Set (or, for None, remove) entries of a map field.
+
+        XAPI has no call to replace one entry and ``add_to_`` on an existing key fails with
+        ``MAP_DUPLICATE_KEY`` (§1.6): a key is added, and only when it exists already removed
+        and added again. Backup keys are mostly new, so that is one call per key, and other
+        keys of the map, that someone else may change meanwhile, are never rewritten. The
+        ``other_config`` of a snapshot this driver took is written whole, in one call.
+        """
+        if not values:
+            return
+        with self._cache_lock:
+            own = self._own_maps.get((cls, ref)) if field == "other_config" else None
+        if own is not None:
+            # a snapshot this driver took: nobody else writes its map, set it whole
+            merged = {k: v for k, v in {**own, **values}.items() if v is not None}
+            self.call(f"{cls}.set_other_config", ref, {k: str(v) for k, v in merged.items()})
+            with self._cache_lock:
+                if (cls, ref) in self._own_maps:
+                    self._own_maps[(cls, ref)] = merged
+            return
+        for key, value in values.items():
+            if value is None:
+                self.call(f"{cls}.remove_from_{field}", ref, key)
+                continue
+            try:
+                self.call(f"{cls}.add_to_{field}", ref, key, str(value))
+            except HypervisorError as error:
+                if error.code != "MAP_DUPLICATE_KEY":
+                    raise
+                self.call(f"{cls}.remove_from_{field}", ref, key)
+                self.call(f"{cls}.add_to_{field}", ref, key, str(value))
 
     def close(self) -> None:
         """Log out and release connections."""

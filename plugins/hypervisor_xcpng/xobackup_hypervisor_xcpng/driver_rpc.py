@@ -373,6 +373,12 @@ class XapiSession:
 
     # -- public ---------------------------------------------------------------------------------
     @property
+    def generation(self) -> int:
+        """How many times this session logged in: refs read before a new login (XAPI
+        restarted, the master moved) may no longer be valid."""
+        return self._generation
+
+    @property
     def ref(self) -> str:
         """The session reference (a credential: never log it)."""
         if self._ref is None:

@@ -23,7 +23,7 @@ from xobackup_hypervisor_xcpng.sim.codec import NULL_REF, XapiError
 from xobackup_hypervisor_xcpng.sim.disks import BLOCK_SIZE, BlobStore, VdiData, derive_seed
 from xobackup_hypervisor_xcpng.sim.faults import Fault, FaultTable, InFlight
 from xobackup_hypervisor_xcpng.sim.server import HostListener
-from xobackup_hypervisor_xcpng.sim.xapi import QUIESCE_MODES, PoolXapi
+from xobackup_hypervisor_xcpng.sim.xapi import GUEST_SHUTDOWN_MODES, QUIESCE_MODES, PoolXapi
 
 GiB = 1024**3
 
@@ -154,6 +154,9 @@ class Simulator:
         self.faults = FaultTable()
         """Armed faults; see :mod:`xobackup_hypervisor_xcpng.sim.faults`."""
         self.stopping = threading.Event()
+        self.calls: list[tuple[int, str, tuple[Any, ...]]] | None = None
+        """While recording (:meth:`record_calls`): (pool index, method, arguments without the
+        session) of every API call received, in order."""
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="xobackup-sim-"))
         self.store = BlobStore(self.data_dir)
@@ -567,6 +570,26 @@ class Simulator:
         if stage not in ("suspend", "resume"):
             raise ValueError(f"unknown checkpoint stage {stage!r}: suspend or resume")
         self.pools[pool].xapi.checkpoint_failure = stage
+
+    def record_calls(self) -> list[tuple[int, str, tuple[Any, ...]]]:
+        """Start recording every API call (a fresh list, also kept in :attr:`calls`)."""
+        self.calls = []
+        return self.calls
+
+    def set_guest_shutdown(self, vm: str, mode: str) -> None:
+        """How the guest of ``vm`` (ref or uuid) answers ``VM.clean_shutdown``: ``normal``,
+        ``ignore`` (never halts by itself) or ``no_pv_drivers`` (``VM_MISSING_PV_DRIVERS``)."""
+        if mode not in GUEST_SHUTDOWN_MODES:
+            raise ValueError(
+                f"unknown guest shutdown mode {mode!r}; known: {', '.join(GUEST_SHUTDOWN_MODES)}"
+            )
+        for pool in self.pools:
+            db = pool.xapi.db
+            for ref, record in db.tables["VM"].items():
+                if vm in (ref, record["uuid"]):
+                    pool.xapi.guest_shutdown[ref] = mode
+                    return
+        raise KeyError(f"no VM {vm!r}")
 
     def set_host_cpu(self, host: str, vendor: str, features: str | None = None) -> None:
         """Give a host (ref, uuid or name) another CPU, to provoke CPU incompatibilities."""

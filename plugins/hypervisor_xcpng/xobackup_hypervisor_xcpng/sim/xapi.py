@@ -48,6 +48,9 @@ CBT_BLOCK = 64 * 1024
 
 _SNAPSHOT_METHODS = {"VM.snapshot", "VM.checkpoint", "VM.snapshot_with_quiesce"}
 QUIESCE_MODES = ("removed", "not_supported", "failed", "timeout", "success")
+GUEST_SHUTDOWN_MODES = ("normal", "ignore", "no_pv_drivers")
+"""How a guest answers ``VM.clean_shutdown``: halts at once, never halts (the call waits for
+its task to be cancelled or a hard shutdown), or cannot be asked (``VM_MISSING_PV_DRIVERS``)."""
 
 
 class DropConnection(Exception):
@@ -127,6 +130,11 @@ class PoolXapi:
         self.in_flight = InFlight()
         self.disks: dict[str, VdiData] = {}
         """VDI ref -> content."""
+        self._running = threading.local()
+        """``task``: the task the calling thread runs (None for a synchronous call)."""
+        self.guest_shutdown: dict[str, str] = {}
+        """VM ref -> how its guest answers a clean shutdown (:data:`GUEST_SHUTDOWN_MODES`);
+        absent: it shuts down at once."""
         self.checkpoint_failure: str | None = None
         """``suspend`` or ``resume``: how the next ``VM.checkpoint`` fails (then None)."""
         self.quiesce_mode = "removed"
@@ -161,6 +169,10 @@ class PoolXapi:
         """Run one API call as received by ``host``'s listener; XapiError on failure."""
         is_async = method.startswith("Async.")
         base = method[6:] if is_async else method
+        calls = self.sim.calls
+        if calls is not None:
+            # what a client asked, without the session (a test reads the order of operations)
+            calls.append((self.index, method, tuple(params[1:])))
         if method != "system.listMethods" and host != self.master:
             master = self.rec("host", self.master)["address"]
             raise XapiError("HOST_IS_SLAVE", master)
@@ -218,6 +230,7 @@ class PoolXapi:
         return self._run(method, entry, params, task=task)
 
     def _run(self, method: str, entry: Method, params: list[Any], *, task: str | None) -> Any:
+        self._running.task = task
         self._apply_faults(method, task=task)
         self._check_args(method, entry, params)
         if not entry.session:
@@ -756,6 +769,21 @@ class PoolXapi:
     def vm_clean_shutdown(self, session: str, vm: str) -> str:
         self._power_check(vm, ("Running",))
         self._blocked(vm, "clean_shutdown")
+        mode = self.guest_shutdown.get(vm, "normal")
+        if mode == "no_pv_drivers":
+            # an HVM guest without PV drivers cannot be asked to shut down (§3.1)
+            raise XapiError("VM_MISSING_PV_DRIVERS", vm)
+        if mode == "ignore":
+            # the request is sent but the guest never halts: the call waits until its task
+            # is cancelled or something else (a hard shutdown) halts the VM
+            while not self.sim.stopping.is_set():
+                task = getattr(self._running, "task", None)
+                if self.task_cancelled(task):
+                    raise XapiError("TASK_CANCELLED", task or "")
+                if self.rec("VM", vm)["power_state"] != "Running":
+                    return ""
+                time.sleep(0.02)
+            raise XapiError("INTERNAL_ERROR", "the simulator is stopping")
         self._halt(vm)
         return ""
 
