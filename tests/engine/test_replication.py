@@ -11,6 +11,7 @@ from xobackup_hypervisor_xcpng.sim import Simulator
 
 from tests.engine.conftest import Harness
 from xobackup_core.builtin.selector import is_excluded
+from xobackup_core.engine.cpu import missing_cpu_features
 from xobackup_core.engine.replication import (
     CR_TAG,
     DR_TAG,
@@ -18,7 +19,6 @@ from xobackup_core.engine.replication import (
     START_BLOCKED,
     SrTarget,
     check_memory_target,
-    missing_cpu_features,
 )
 from xobackup_core.errors import XobackupError
 from xobackup_core.hypervisor import CpuInfo, Host, Pool, StorageRepository, Vm

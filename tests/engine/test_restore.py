@@ -139,7 +139,8 @@ def test_memory_backup_restores_suspended_or_is_refused(two_pools):
         for host in pool.hosts:
             harness.sim.set_host_cpu(host.uuid, "AuthenticAMD")
         driver2, pool2, _ = target(harness)
-        with pytest.raises(UsageError, match="GenuineIntel CPU, the host has a AuthenticAMD"):
+        refusal = r"CPU vendors differ \(GenuineIntel vs AuthenticAMD\)"
+        with pytest.raises(UsageError, match=refusal):
             restore_backup(remote, backup, driver2, sr_uuid=sr.uuid, pool=pool2)
         halted = restore_backup(
             remote, backup, driver2, sr_uuid=sr.uuid, pool=pool2, allow_halted=True

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from xobackup_core.engine.cpu import cpu_problem
 from xobackup_core.engine.repository import BackupMetadata, BackupRepository
 from xobackup_core.errors import HypervisorError, UsageError, XobackupError
 from xobackup_core.formats.source import read_ahead
@@ -33,7 +34,7 @@ from xobackup_core.formats.vhd_chain import open_vhd_chain
 from xobackup_core.formats.vhd_directory import remote_disk_opener
 from xobackup_core.formats.vhd_writer import plan_vhd_stream, vhd_stream
 from xobackup_core.formats.xva import XvaReader
-from xobackup_core.hypervisor import CpuInfo, HypervisorDriver, Pool, StorageRepository
+from xobackup_core.hypervisor import HypervisorDriver, Pool, StorageRepository
 from xobackup_core.remote import Remote, join_path
 
 RESTORED_TAG = "restored from backup"
@@ -50,37 +51,6 @@ def parse_backup_ref(text: str) -> tuple[str, str]:
             "'xobackup backups list' prints, e.g. nas:/xo-vm-backups/<vm>/20260801T040000Z.json"
         )
     return remote, path
-
-
-@dataclass(frozen=True)
-class CpuCheck:
-    compatible: bool
-    reason: str = ""
-
-
-def check_cpu(vm_flags: Mapping[str, str], host: CpuInfo, *, hvm: bool = True) -> CpuCheck:
-    """Can a VM suspended on a CPU with ``vm_flags`` resume on ``host``? XAPI's rule (§3.3):
-    the same vendor, and every feature bit of the VM present on the host."""
-    vendor = vm_flags.get("vendor", "")
-    if vendor and vendor != host.vendor:
-        return CpuCheck(False, f"the VM ran on a {vendor} CPU, the host has a {host.vendor} CPU")
-    wanted = _feature_bits(vm_flags.get("features", ""))
-    have = _feature_bits(host.features_hvm if hvm else host.features_pv)
-    if not have:
-        have = _feature_bits(host.features)
-    missing = wanted & ~have
-    if missing:
-        return CpuCheck(
-            False,
-            f"the host CPU ({host.model_name or host.vendor}) lacks CPU features the VM uses "
-            f"(missing bits {missing:#x})",
-        )
-    return CpuCheck(True)
-
-
-def _feature_bits(mask: str) -> int:
-    digits = mask.replace("-", "").strip()
-    return int(digits, 16) if digits else 0
 
 
 class IteratorReader(io.RawIOBase):
@@ -278,9 +248,10 @@ def _restore_delta(
     vm_folder = BackupRepository.vm_folder(backup.vm_uuid)
     suspended = bool(suspend_ref and suspend_ref in backup.vhd_paths)
     if suspended:
-        verdicts = [check_cpu(snapshot.get("last_boot_CPU_flags") or {}, h.cpu) for h in pool.hosts]
-        if not any(v.compatible for v in verdicts):
-            reason = verdicts[0].reason if verdicts else "the pool has no host"
+        flags = snapshot.get("last_boot_CPU_flags") or {}
+        problems = [cpu_problem(flags, host.cpu) for host in pool.hosts]
+        if all(problems):
+            reason = problems[0] if problems else "the pool has no host"
             if not allow_halted:
                 raise UsageError(
                     f"this backup holds the VM's memory, but no host of pool {pool.name} can "
