@@ -248,7 +248,11 @@ def bench_scale(vms_per_pool: int, folder: Path) -> list[dict[str, Any]]:
     ]
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
+STEPS = ("delta", "full", "scale", "rss")
+
+
+def run(quick: bool = False, only: tuple[str, ...] = STEPS) -> list[dict[str, Any]]:
+    """Every step, or the ``only`` ones (``rss`` needs ``full`` for its reference)."""
     curl = shutil.which("curl")
     if curl is None:
         raise RuntimeError("curl is needed (Debian package curl)")
@@ -256,7 +260,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         root = Path(tmp)
-        for index, step in enumerate(("delta", "full", "scale", "rss")):
+        steps = [s for s in STEPS if s in only or (s == "full" and "rss" in only)]
+        for index, step in enumerate(steps):
             folder = root / f"{index}-{step}"
             folder.mkdir()
             if step == "delta":
@@ -285,5 +290,13 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    outcome = run(quick="--quick" in sys.argv[1:])
+    # python bench/bench_engine.py [--quick] [--only scale,delta,...]
+    arguments = sys.argv[1:]
+    chosen = STEPS
+    if "--only" in arguments:
+        chosen = tuple(arguments[arguments.index("--only") + 1].split(","))
+        unknown = set(chosen) - set(STEPS)
+        if unknown:
+            sys.exit(f"unknown step(s) {', '.join(sorted(unknown))}; steps: {', '.join(STEPS)}")
+    outcome = run(quick="--quick" in arguments, only=chosen)
     sys.exit(0 if all(entry["passed"] for entry in outcome) else 1)

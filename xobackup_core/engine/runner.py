@@ -951,12 +951,18 @@ class _VmBackup:
                     stored = self.write_vhd_to_targets(stream, disk, snap_disk, base_disk, stamp)
                     return disk.vdi_uuid, stored
 
-        workers = self.settings["diskPerVmConcurrency"] or len(jobs) or 1
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="disk") as pool:
-            for live_vdi, stored in pool.map(export, jobs):
+        def collect(results: Iterator[tuple[str, dict[str, tuple[int, str]]]]) -> None:
+            for live_vdi, stored in results:
                 for key, (size, path) in stored.items():
                     written[key] = written.get(key, 0) + size
                     paths.setdefault(key, {})[live_vdi] = path
+
+        workers = min(self.settings["diskPerVmConcurrency"] or len(jobs), len(jobs))
+        if workers <= 1:
+            collect(map(export, jobs))  # one at a time: no thread to start (1000-VM runs)
+            return written, paths
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="disk") as pool:
+            collect(pool.map(export, jobs))
         return written, paths
 
     def write_vhd_to_targets(

@@ -212,8 +212,8 @@ class XapiDriver(HypervisorDriver):
         self._sr_identity: dict[str, dict[str, Any]] = {}
         """SR ref -> the fields of its record that never change (uuid, content_type)."""
         self._taken: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-        """Snapshots this driver took: VM ref -> (record, VBD records). A snapshot's devices
-        never change, so its delta metadata needs no second read of them."""
+        """Snapshots this driver took: VM ref -> (its device fields, VBD records). A
+        snapshot's devices never change, so its delta metadata needs no second read."""
         self._own_maps: dict[tuple[str, str], dict[str, str]] = {}
         """``other_config`` of those snapshots and of their disks, as this driver last wrote
         it: the backup keys are then written in one call instead of one per key."""
@@ -265,13 +265,26 @@ class XapiDriver(HypervisorDriver):
             self._remember(generation, [(cls, uuid, ref)])
         return ref
 
-    def _remember(self, generation: int, refs: list[tuple[str, str, str]]) -> None:
-        """Note (class, uuid, ref) read while the session was at ``generation``."""
+    def _remember(
+        self, generation: int, refs: list[tuple[str, str, str]], *, everything: bool = False
+    ) -> None:
+        """Note (class, uuid, ref) read while the session was at ``generation``.
+
+        ``everything``: ``refs`` lists every VM and VDI of the pool (an inventory), so what
+        is not in it is gone and forgotten: a long-lived driver does not grow without end.
+        """
         with self._cache_lock:
             if generation != self._refs_generation:
                 if generation != self.session.generation:
                     return  # read before a new login: the refs may be stale
                 self._new_generation(generation)
+            if everything:
+                live = {ref for _cls, _uuid, ref in refs}
+                self._refs.clear()
+                self._uuids.clear()
+                for memo in (self._taken, self._own_maps):
+                    for key in [k for k in memo if (k if isinstance(k, str) else k[1]) not in live]:
+                        del memo[key]
             for cls, uuid, ref in refs:
                 self._refs[(cls, uuid)] = ref
                 self._uuids[ref] = uuid
@@ -361,6 +374,7 @@ class XapiDriver(HypervisorDriver):
             generation,
             [("VM", r["uuid"], ref) for ref, r in tables["VM"].items()]
             + [("VDI", r["uuid"], ref) for ref, r in tables["VDI"].items()],
+            everything=True,
         )
         return Inventory(pools=(pool,), vms=tuple(vms))
 
@@ -490,7 +504,8 @@ class XapiDriver(HypervisorDriver):
         if taken:
             with self._cache_lock:
                 if generation == self._refs_generation:
-                    self._taken[ref] = (dict(record), vbds)
+                    devices = {k: record.get(k) for k in ("VBDs", "VIFs", "suspend_VDI")}
+                    self._taken[ref] = (devices, vbds)
                     self._own_maps[("VM", ref)] = dict(record.get("other_config") or {})
                     for vdi, vdi_record in vdis.items():
                         if "SR" in vdi_record:
@@ -531,7 +546,7 @@ class XapiDriver(HypervisorDriver):
         """
         ref = self._ref("VM", vm_uuid)
         with self._cache_lock:
-            taken = self._taken.get(ref)
+            taken = self._taken.pop(ref, None)  # read once: the metadata of its backup
         record, known_vbds = taken if taken else (self.call("VM.get_record", ref), {})
         out: dict[str, dict[str, dict[str, Any]]] = {
             "vbds": {},
