@@ -102,3 +102,45 @@ def test_chain_mixing_a_file_and_a_vhd_directory(
     out = tmp_path / "mixed.raw"
     assert _run("vhd", "cat", str(chain.leaf), "-o", str(out)).exit_code == 0
     assert out.read_bytes() == bytes(chain.expected)
+
+
+def test_check_reads_every_block_file_of_a_vhd_directory(
+    tmp_path: Path, chain_builder: ChainBuilder
+) -> None:
+    """A VhdDirectory keeps each block in its own file: ``check`` must find one that is
+    missing, cut short or not decodable, and name the block and its file."""
+    remote_module = require_module("xobackup_remote_local")
+    require_module("brotli")
+    from xobackup_core.formats.source import LocalFileSource
+    from xobackup_core.formats.vhd import VhdFile
+    from xobackup_core.formats.vhd_directory import copy_disk_to_directory
+
+    chain = chain_builder.write(6 * BLOCK, [{1: chain_builder.block(), 4: chain_builder.block()}])
+    source = chain.paths[0].with_name("source.vhd")
+    chain.paths[0].rename(source)
+    remote = remote_module.LocalRemote(str(tmp_path))
+    with VhdFile.open(LocalFileSource(source)) as disk:
+        copy_disk_to_directory(disk, remote, "/disk.vhd", compression="brotli")
+    folder = tmp_path / "disk.vhd"
+    block = folder / "blocks" / "0" / "4"
+    stored = block.read_bytes()
+    for args in ([str(folder)], ["--remote", f"file://{tmp_path}", "/disk.vhd"]):
+        result = _run("vhd", "check", *args)
+        assert result.exit_code == 0 and "OK (1 disk(s) in the chain)" in result.output
+
+    block.unlink()
+    for args in ([str(folder)], ["--remote", f"file://{tmp_path}", "/disk.vhd"]):
+        result = _run("vhd", "check", *args)
+        assert result.exit_code == ExitCode.DATA, result.output
+        assert "/disk.vhd/blocks/0/4: bat[4]: block 4: " in result.output
+        assert "its file is missing" in result.output
+        assert "Traceback" not in result.output
+    # a block file cut short, then one that is not brotli at all
+    for damaged in (stored[: len(stored) // 2], b"not a brotli stream" * 8):
+        block.write_bytes(damaged)
+        result = _run("vhd", "check", str(folder))
+        assert result.exit_code == ExitCode.DATA, result.output
+        assert "/disk.vhd/blocks/0/4: bat[4]: block 4: " in result.output
+        assert "Traceback" not in result.output
+    block.write_bytes(stored)
+    assert _run("vhd", "check", str(folder)).exit_code == 0

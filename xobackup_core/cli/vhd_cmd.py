@@ -10,12 +10,12 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import click
 
 from xobackup_core.cli.context import AppContext, pass_app
-from xobackup_core.errors import RemoteNotFoundError, UsageError
+from xobackup_core.errors import FormatError, RemoteNotFoundError, UsageError
 from xobackup_core.formats.vhd import VhdDisk, VhdFile, describe, verify_vhd_file
 from xobackup_core.formats.vhd_chain import (
     VhdChain,
@@ -23,6 +23,9 @@ from xobackup_core.formats.vhd_chain import (
     open_vhd_chain,
 )
 from xobackup_core.remote import Remote
+
+if TYPE_CHECKING:
+    from xobackup_core.formats.vhd_directory import VhdDirectory
 
 _remote_option = click.option(
     "--remote",
@@ -114,12 +117,43 @@ def info_command(app: AppContext, path: str, remote_name: str | None) -> None:
 @_remote_option
 @pass_app
 def check_command(app: AppContext, path: str, remote_name: str | None) -> None:
-    """Verify the VHD at PATH and its parents; exit 3 (DATA) on corruption."""
+    """Verify the VHD at PATH and its parents; exit 3 (DATA) on corruption.
+
+    A VhdDirectory has each block in its own file: every block its ``bat`` marks allocated is
+    read and decoded, one at a time.
+    """
+    from xobackup_core.formats.vhd_directory import VhdDirectory
+
     with _open_chain(app, path, remote_name) as chain:
         for disk in chain.disks:
             if isinstance(disk, VhdFile):
                 verify_vhd_file(disk)
+            elif isinstance(disk, VhdDirectory):
+                _verify_directory_blocks(disk)
         click.echo(f"{path}: OK ({len(chain.disks)} disk(s) in the chain)")
+
+
+def _verify_directory_blocks(disk: VhdDirectory) -> None:
+    """Every allocated block of ``disk`` has a file that decodes to a bitmap and a block."""
+    for index in disk.allocated_blocks():
+        try:
+            disk.read_block(index)
+        except FormatError as error:
+            # The format layer names the file; the message also names the block, whose
+            # number is not obvious from a ``blocks/<n/1000>/<n%1000>`` path.
+            where = f"{disk.remote.name}:{disk.block_file(index)}"
+            raise FormatError(
+                f"block {index}: {_reason(error)}", path=where, field=f"bat[{index}]"
+            ) from None
+
+
+def _reason(error: FormatError) -> str:
+    """The message of ``error`` without the path and field it starts with."""
+    text = str(error)
+    prefix = ": ".join(p for p in (error.path, error.field) if p)
+    if prefix and text.startswith(prefix + ": "):
+        text = text[len(prefix) + 2 :]
+    return text.removeprefix("block ")
 
 
 @vhd_group.command("cat")
