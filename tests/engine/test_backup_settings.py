@@ -106,10 +106,7 @@ def test_two_disks_in_parallel_each_read_back(harness):
     assert harness.run(config, "delta").status == "success"
     remote = LocalRemote(harness.remote_dir)
     [backup] = BackupRepository(remote).list_backups(vm_uuid)
-    by_disk = {
-        record["other_config"]["$snapshot_of$uuid"]: key
-        for key, record in backup.data["vdis"].items()
-    }
+    by_disk = {record["$snapshot_of$uuid"]: key for key, record in backup.data["vdis"].items()}
     assert set(by_disk) == {second, *[d for d in by_disk if d != second]}
     assert chain_bytes(remote, backup.vhd_paths[by_disk[second]]) == disk_bytes(sim, second)
     # XO's shape: vdis, vhds and isVhdDifferencing keyed by the snapshot's VDI refs

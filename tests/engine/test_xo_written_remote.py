@@ -640,11 +640,6 @@ def adopt_and_run(tmp_path: Path, vm: str, schedules: dict, schedule_key: str) -
     return repository
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the runner writes the schedule's config key as scheduleId; its 'id' is ignored",
-)
 def test_schedule_id_in_the_config_continues_the_xo_schedule(tmp_path):
     """A user keeps a readable schedule name and gives XO's schedule id as ``id``: our
     backups carry that id, so retention counts XO's backups of the schedule."""
@@ -658,12 +653,6 @@ def test_schedule_id_in_the_config_continues_the_xo_schedule(tmp_path):
     assert len(backups) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="delta metadata keeps $snapshot_of$uuid/$SR$uuid inside other_config; XO reads "
-    "them beside the VDI record's fields (restore SR mapping, mirror paths)",
-)
 def test_our_delta_metadata_has_the_vdi_links_where_xo_reads_them(tmp_path):
     spec = EXPECTED["vms"][VHD_VM]
     schedule = {"job": "xo-job", "cron": "0 4 * * *", "exportRetention": 10}

@@ -375,7 +375,10 @@ class _VmBackup:
         self.vm = vm
         self.job = job_view
         self.job_id = str(job_view["id"])
-        self.schedule_id = schedule_key or ""
+        schedule = runner.config.schedules.get(schedule_key) if schedule_key else None
+        # A schedule may carry XO's schedule id under a readable config key: backups,
+        # snapshots and retention then continue that XO schedule.
+        self.schedule_id = (schedule.id if schedule is not None else None) or schedule_key or ""
         self.settings = settings
         self.targets = list(targets)
         self.recorder = recorder
@@ -895,11 +898,13 @@ class _VmBackup:
                 }
             )
             other = dict(record.get("other_config") or {})
-            other["$snapshot_of$uuid"] = disk.vdi_uuid
-            other["$SR$uuid"] = disk.sr_uuid or snap_disk.sr_uuid
             if base_disk is not None:
                 other["xo:base_delta_vdi"] = base_disk.vdi_uuid
             record["other_config"] = other
+            # Beside the record's fields, not in other_config: XO's restore (SR mapping) and
+            # mirrors read them there.
+            record["$snapshot_of$uuid"] = disk.vdi_uuid
+            record["$SR$uuid"] = disk.sr_uuid or snap_disk.sr_uuid
             vdis[key] = record
         vifs = {}
         for ref, vif in devices["vifs"].items():
