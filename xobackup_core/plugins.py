@@ -167,7 +167,14 @@ class Plugins:
         return list(selected)
 
     def remote(self, url: str, options: Mapping[str, Any]) -> Remote:
-        """Open the remote at ``url``; PluginError naming the installed schemes if none fits."""
+        """Open the remote at ``url``; PluginError naming the installed schemes if none fits.
+
+        An ``encryptionKey`` option makes it an encrypted remote (XO's format): the plugin never
+        sees the key, and the returned remote encrypts and decrypts every file transparently.
+        """
+        from xobackup_core.remote_encryption import open_encrypted_remote, split_encryption_key
+
+        options, encryption_key = split_encryption_key(options)
         remote = self._pm.hook.xobackup_remote(url=url, options=options)
         if remote is None:
             scheme = url.split("://", 1)[0] if "://" in url else url
@@ -175,6 +182,8 @@ class Plugins:
             raise PluginError(
                 f"no remote plugin handles {scheme!r} URLs; installed remote types: {known}"
             )
+        if encryption_key is not None:
+            return open_encrypted_remote(remote, encryption_key)
         return remote
 
     def compressor(self, name: str) -> Codec:
