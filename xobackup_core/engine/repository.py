@@ -18,13 +18,13 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from xobackup_core.errors import FormatError, RemoteError, RemoteNotFoundError
-from xobackup_core.remote import Remote, join_path
+from xobackup_core.remote import Remote, join_path, normalize_path
 
 BACKUP_ROOT = "/xo-vm-backups"
 METADATA_VERSION = "2.0.0"
@@ -168,6 +168,44 @@ class BackupRepository:
         self.remote.write_bytes(path, json.dumps(payload, separators=(",", ":")).encode())
         self.refresh_cache(vm_uuid)
         return path
+
+    def record_merges(self, vm_uuid: str, merged: Iterable[str]) -> list[str]:
+        """After merges into the disks at ``merged`` (tip paths as the metadata names them),
+        rewrite the metadata of each backup whose disk became a merged one, as XO does:
+        ``isVhdDifferencing`` from what each of its disks now is (False once a merge reached
+        the base) and ``size`` as the bytes of its disks as plain VHD files. Each JSON is
+        replaced atomically, then the cache is refreshed once. Returns the rewritten paths.
+
+        A backup whose disks cannot be opened is left as it is: the VM cleanup judges it.
+        """
+        # Imported here: the format code is only needed once a merge happened.
+        from xobackup_core.formats.vhd_directory import open_remote_disk
+        from xobackup_core.formats.vhd_merge import stream_size
+
+        merged = {normalize_path(path) for path in merged}
+        rewritten = []
+        for backup in self.list_backups(vm_uuid) if merged else []:
+            disks = backup.vhd_paths
+            if merged.isdisjoint(disks.values()):
+                continue
+            differencing = dict(backup.data.get("isVhdDifferencing") or {})
+            size = 0
+            try:
+                for key, path in disks.items():
+                    disk = open_remote_disk(self.remote, path)
+                    try:
+                        differencing[key] = disk.is_differencing
+                        size += stream_size(disk)
+                    finally:
+                        disk.close()
+            except (FormatError, RemoteNotFoundError):
+                continue
+            data = {**backup.data, "isVhdDifferencing": differencing, "size": size}
+            self.remote.write_bytes(backup.path, json.dumps(data, separators=(",", ":")).encode())
+            rewritten.append(backup.path)
+        if rewritten:
+            self.refresh_cache(vm_uuid)
+        return rewritten
 
     def delete_metadata(self, backup: BackupMetadata) -> None:
         """Remove a backup's JSON (it stops existing) and refresh the cache."""

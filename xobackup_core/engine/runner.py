@@ -332,10 +332,10 @@ class JobRunner:
         return targets
 
 
-def resume_all_merges(remote: Remote, folder: str) -> None:
-    """Finish interrupted merges in a disk folder: VhdDirectory ones, then VHD-file ones."""
-    resume_directory_merges(remote, folder)
-    resume_merges(remote, folder)
+def resume_all_merges(remote: Remote, folder: str) -> list[str]:
+    """Finish interrupted merges in a disk folder: VhdDirectory ones, then VHD-file ones.
+    Returns the merged disks' paths."""
+    return resume_directory_merges(remote, folder) + resume_merges(remote, folder)
 
 
 def delete_disk(remote: Remote, path: str) -> None:
@@ -1125,10 +1125,12 @@ class _VmBackup:
         vm_folder = repository.vm_folder(self.vm.uuid)
         # A merge cut short leaves chains that only read right once it is finished: finish
         # every one before judging any backup, or a complete backup could look broken.
+        merged = []
         for job_id in target.remote.list(join_path(vm_folder, "vdis")):
             jobs_folder = join_path(vm_folder, "vdis", job_id)
             for vdi_uuid in target.remote.list(jobs_folder):
-                resume_all_merges(target.remote, join_path(jobs_folder, vdi_uuid))
+                merged += resume_all_merges(target.remote, join_path(jobs_folder, vdi_uuid))
+        repository.record_merges(self.vm.uuid, merged)
         for backup in repository.list_backups(self.vm.uuid):
             if backup.mode == "full":
                 xva = backup.xva_path
@@ -1173,7 +1175,7 @@ class _VmBackup:
         )
         for vdi_uuid in target.remote.list(jobs_folder):
             folder = join_path(jobs_folder, vdi_uuid)
-            resume_all_merges(target.remote, folder)
+            target.repository.record_merges(self.vm.uuid, resume_all_merges(target.remote, folder))
             disks: dict[str, tuple[str, str | None]] = {}  # path -> (uuid, parent uuid)
             for name in target.remote.list(folder):
                 if not name.endswith(".vhd"):
@@ -1239,22 +1241,9 @@ class _VmBackup:
                 step.set_result(size=result.merged_bytes)
             for gone in run[:-1]:
                 disks.pop(gone, None)
-            if parent is None:
-                self.mark_not_differencing(target, result.path)
-
-    def mark_not_differencing(self, target: RemoteTarget, vhd_path: str) -> None:
-        """After a merge into a full, its backup's JSON says the disk is not differencing."""
-        for backup in target.repository.list_backups(self.vm.uuid):
-            keys = [k for k, p in backup.vhd_paths.items() if p == vhd_path]
-            if not keys:
-                continue
-            data = dict(backup.data)
-            data["isVhdDifferencing"] = {
-                **data.get("isVhdDifferencing", {}),
-                **{k: False for k in keys},
-            }
-            stamp = posixpath.basename(backup.path)[: -len(".json")]
-            target.repository.write_metadata(self.vm.uuid, stamp, data)
+            # The merged backup's JSON: not differencing once the merge reached the base, and
+            # its new size (XO rewrites it the same way).
+            target.repository.record_merges(self.vm.uuid, [result.path])
 
     def rotate_snapshots(self, *, keep: int, newest: Vm) -> None:
         """Rolling snapshots: this schedule's job snapshots beyond the newest ``keep`` go.

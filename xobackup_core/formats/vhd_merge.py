@@ -32,7 +32,10 @@ from xobackup_core.formats.source import RemoteSource, read_ahead
 from xobackup_core.formats.vhd import VhdDisk, VhdFile
 from xobackup_core.formats.vhd_structs import (
     DISK_TYPE_FIXED,
+    FOOTER_SIZE,
+    HEADER_SIZE,
     SECTOR_SIZE,
+    bat_size,
     bitmap_is_full,
     bitmap_or,
     bitmap_runs,
@@ -57,6 +60,25 @@ class MergeResult:
     merged_blocks: int
     merged_bytes: int
     resumed: bool
+
+
+def stream_size(disk: VhdDisk) -> int:
+    """Bytes of ``disk`` as one plain VHD file, whatever its storage (file or VhdDirectory,
+    compressed or not): footer copy, header, BAT, parent locator space, allocated blocks with
+    their bitmaps, footer. Xen Orchestra records this as a backup's ``size`` after a merge."""
+    header = disk.header
+    if header is None:
+        return disk.size + FOOTER_SIZE
+    locators = sum(locator.data_space_bytes for locator in header.parent_locators)
+    blocks = disk.allocated_count() * (header.bitmap_size + header.block_size)
+    return (
+        FOOTER_SIZE
+        + HEADER_SIZE
+        + bat_size(header.max_table_entries)
+        + locators
+        + blocks
+        + (FOOTER_SIZE)
+    )
 
 
 def merge_state_path(parent_path: str) -> str:
