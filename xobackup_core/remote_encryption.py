@@ -19,8 +19,10 @@ Reads: a file up to :data:`WHOLE_READ_LIMIT` bytes (VhdDirectory blocks, JSON, a
 whole and its tag verified before any byte is returned. A larger file (an XVA) is streamed: bytes
 are returned as they are decrypted and the tag is checked when the end of the file is reached,
 so the read that reaches the end raises :class:`~xobackup_core.errors.FormatError` if the file
-was altered; a range read of such a file decrypts from the start and reads on to the end to
-check the tag (encrypted files cannot be read in part, as in XO).
+was altered. A range read of such a file (the structural checks of a stored XVA read its first
+and last blocks) decrypts just that range by seeking in the keystream: both ciphers are counter
+based. Such bytes are not authenticated, since the tag covers the whole file; a restore reads
+the whole file and is.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from Crypto.Cipher import AES, ChaCha20_Poly1305
+from Crypto.Cipher import AES, ChaCha20, ChaCha20_Poly1305
 
 from xobackup_core.config import Secret
 from xobackup_core.config import _to_secret as to_secret
@@ -58,7 +60,7 @@ KEY_LENGTH = 32
 ENCRYPTION_FILE = "/encryption.json"
 METADATA_FILE = "/metadata.json"
 CHECKSUM_SUFFIX = ".checksum"
-WHOLE_READ_LIMIT = 64 * 1024 * 1024
+WHOLE_READ_LIMIT = 16 * 1024 * 1024
 """Encrypted files up to this size are read and verified whole before returning any byte."""
 _CHUNK = 1024 * 1024
 _MD5_PREFIX = "$1$$"
@@ -68,6 +70,48 @@ def _cipher(algorithm: str, key: bytes, iv: bytes) -> Any:
     if algorithm == CHACHA20:
         return ChaCha20_Poly1305.new(key=key, nonce=iv)
     return AES.new(key, AES.MODE_GCM, nonce=iv, mac_len=TAG_LENGTH)
+
+
+def _keystream_at(algorithm: str, key: bytes, iv: bytes, position: int) -> Any:
+    """A raw stream cipher positioned at plaintext byte ``position`` of a file (no tag check).
+
+    ChaCha20-Poly1305 (RFC 8439) encrypts the payload from block counter 1; AES-GCM with a
+    96-bit IV from counter block ``IV ‖ 2``.
+    """
+    if algorithm == CHACHA20:
+        cipher = ChaCha20.new(key=key, nonce=iv)
+        cipher.seek(64 + position)
+        return cipher
+    cipher = AES.new(key, AES.MODE_CTR, nonce=iv, initial_value=2 + position // 16)
+    cipher.decrypt(bytes(position % 16))
+    return cipher
+
+
+class _RangeReader(io.RawIOBase):
+    """Decrypts a byte range of a stored file with a positioned keystream."""
+
+    def __init__(self, inner: BinaryIO, cipher: Any) -> None:
+        super().__init__()
+        self._inner = inner
+        self._cipher = cipher
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        view = memoryview(target).cast("B")
+        data = self._inner.read(len(view))
+        if not data:
+            return 0
+        view[: len(data)] = self._cipher.decrypt(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._inner.close()
+            finally:
+                super().close()
 
 
 def _is_plain(path: str) -> bool:
@@ -358,6 +402,14 @@ class EncryptedRemote(Remote):
             plain = decrypt_bytes(self.algorithm, self._key, data, path=path)
             end = None if length is None else offset + length
             return io.BytesIO(plain[offset:end])
+        if offset or length is not None:
+            plain_size = max(stored - OVERHEAD, 0)
+            offset = min(offset, plain_size)
+            length = plain_size - offset if length is None else min(length, plain_size - offset)
+            iv = self._inner.read_range(path, 0, IV_LENGTH)
+            cipher = _keystream_at(self.algorithm, self._key, iv, offset)
+            inner = self._inner.open_read(path, IV_LENGTH + offset, length)
+            return io.BufferedReader(_RangeReader(inner, cipher), _CHUNK)  # type: ignore[return-value]
         stream = self._inner.open_read(path)
         try:
             reader = _DecryptingReader(stream, self.algorithm, self._key, path, offset, length)

@@ -194,6 +194,17 @@ def test_xva_streams_and_is_authenticated_at_end(xo_remote, monkeypatch):
     assert path in str(error.value) and "authentication" in str(error.value)
 
 
+@pytest.mark.parametrize("fixture", [CHACHA, AES], ids=["chacha20-poly1305", "aes-256-gcm"])
+def test_range_reads_of_large_encrypted_files_seek_in_the_keystream(tmp_path, fixture, monkeypatch):
+    remote = open_remote(extract(fixture, tmp_path))
+    files = [p for p in remote.walk("/") if not p.endswith(("encryption.json", ".checksum"))]
+    wholes = {path: remote.read_bytes(path) for path in files}
+    monkeypatch.setattr(remote_encryption, "WHOLE_READ_LIMIT", 64)
+    for path, whole in wholes.items():
+        for offset, length in [(0, 5), (1, 17), (15, 33), (63, 70), (len(whole) - 3, 10)]:
+            assert remote.read_range(path, offset, length) == whole[offset : offset + length]
+
+
 def test_files_ls_and_get_from_an_encrypted_xo_backup(xo_remote, tmp_path):
     config = str(write_config(tmp_path, xo_remote))
     for backup in EXPECTED["vms"][DELTA_VM]["backups"]:
