@@ -465,6 +465,27 @@ def open_encrypted_remote(inner: Remote, key: Secret | str) -> EncryptedRemote:
     return remote
 
 
+def refuse_if_encrypted(remote: Remote) -> None:
+    """Raise a clear error when ``remote``, opened without a key, is an encrypted remote.
+
+    Otherwise its files would surface as corrupt data. Only a readable ``encryption.json``
+    naming an algorithm counts: a remote that cannot be reached now fails later, as before.
+    """
+    try:
+        description = json.loads(remote.read_bytes(ENCRYPTION_FILE))
+        algorithm = description.get("algorithm", "none")
+    except Exception:
+        # unreachable, unreadable or not ours: opening stays as lazy as the plugin made it
+        return
+    if algorithm != "none":
+        remote.close()
+        raise RemoteConfigError(
+            f"this remote is encrypted ({algorithm}): set its encryptionKey option",
+            remote=remote.name,
+            operation="open",
+        )
+
+
 def split_encryption_key(options: Mapping[str, Any]) -> tuple[dict[str, Any], Secret | None]:
     """``options`` without ``encryptionKey``, and that key as a :class:`Secret` (or None).
 

@@ -244,6 +244,33 @@ def test_wrong_key_is_a_clear_error_and_never_printed(xo_remote, tmp_path):
     assert "too-short" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_encrypted_remote_without_its_key_is_a_clear_error(xo_remote, tmp_path):
+    config = tmp_path / "nokey.toml"
+    config.write_text(
+        f'log_db = "{tmp_path}/logs.sqlite"\n[remotes.xo]\nurl = "file://{xo_remote}"\n'
+    )
+    result = run_cli("--config", str(config), "backups", "list")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "encrypted (chacha20-poly1305): set its encryptionKey" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_interrupted_encrypted_write_leaves_nothing(tmp_path):
+    root = tmp_path / "enc"
+    root.mkdir()
+    remote = open_remote(root)
+    with pytest.raises(RuntimeError), remote.open_write("/vm/a.bin") as writer:
+        writer.write(b"x" * 100_000)
+        raise RuntimeError("the source stream broke")
+    assert not remote.exists("/vm/a.bin")
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == [
+        "encryption.json",
+        "metadata.json",
+    ]
+    remote.write_bytes("/vm/b.bin", b"")
+    assert remote.read_bytes("/vm/b.bin") == b"" and (root / "vm" / "b.bin").stat().st_size == 28
+
+
 def test_key_on_a_non_empty_plain_remote_is_refused(tmp_path):
     root = tmp_path / "plain"
     (root / "xo-vm-backups").mkdir(parents=True)
