@@ -172,7 +172,11 @@ class Plugins:
         An ``encryptionKey`` option makes it an encrypted remote (XO's format): the plugin never
         sees the key, and the returned remote encrypts and decrypts every file transparently.
         """
-        from xobackup_core.remote_encryption import open_encrypted_remote, split_encryption_key
+        from xobackup_core.remote_encryption import (
+            open_encrypted_remote,
+            refuse_if_encrypted,
+            split_encryption_key,
+        )
 
         options, encryption_key = split_encryption_key(options)
         remote = self._pm.hook.xobackup_remote(url=url, options=options)
@@ -184,6 +188,7 @@ class Plugins:
             )
         if encryption_key is not None:
             return open_encrypted_remote(remote, encryption_key)
+        refuse_if_encrypted(remote)
         return remote
 
     def compressor(self, name: str) -> Codec:
