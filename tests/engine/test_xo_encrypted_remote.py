@@ -147,9 +147,16 @@ def test_encrypted_delta_chain_reads_bit_exact(tmp_path, fixture):
 
 
 @pytest.mark.parametrize(
-    ("vm", "index"), [(DELTA_VM, 0), (DELTA_VM, 1), (XVA_VM, 0)], ids=["delta1", "delta2", "xva"]
+    ("vm", "index", "whole_read_limit"),
+    [(DELTA_VM, 0, None), (DELTA_VM, 1, None), (XVA_VM, 0, None), (XVA_VM, 0, 4096)],
+    ids=["delta1", "delta2", "xva", "xva-streamed"],
 )
-def test_encrypted_xo_backup_restores_bit_exact(xo_remote, tmp_path, restore_pool, vm, index):
+def test_encrypted_xo_backup_restores_bit_exact(
+    xo_remote, tmp_path, restore_pool, monkeypatch, vm, index, whole_read_limit
+):
+    if whole_read_limit is not None:
+        # the XVA then streams through the decryptor, as a large one does
+        monkeypatch.setattr(remote_encryption, "WHOLE_READ_LIMIT", whole_read_limit)
     harness = Harness(tmp_path, restore_pool)
     try:
         remote = open_remote(xo_remote)
