@@ -27,7 +27,6 @@ the whole file and is.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -39,6 +38,7 @@ from Crypto.Cipher import AES, ChaCha20, ChaCha20_Poly1305
 
 from xobackup_core.config import Secret
 from xobackup_core.config import _to_secret as to_secret
+from xobackup_core.engine.streams import BackgroundDigest
 from xobackup_core.errors import FormatError, RemoteConfigError, RemoteError, RemoteNotFoundError
 from xobackup_core.remote import (
     Remote,
@@ -60,6 +60,8 @@ KEY_LENGTH = 32
 ENCRYPTION_FILE = "/encryption.json"
 METADATA_FILE = "/metadata.json"
 CHECKSUM_SUFFIX = ".checksum"
+CHECKED_SUFFIXES = (".xva",)
+"""Files written with a ``.checksum`` companion: their encrypted bytes' MD5 is kept for it."""
 WHOLE_READ_LIMIT = 16 * 1024 * 1024
 """Encrypted files up to this size are read and verified whole before returning any byte."""
 _CHUNK = 1024 * 1024
@@ -171,12 +173,14 @@ class _EncryptingWriter(RemoteWriter):
         self._inner = inner
         iv = os.urandom(IV_LENGTH)
         self._cipher = _cipher(algorithm, key, iv)
-        self._md5 = hashlib.md5(usedforsecurity=False)
+        # only files that get a checksum (XVAs) pay for the MD5, in a thread of its own
+        self._md5 = BackgroundDigest("md5") if on_commit is not None else None
         self._on_commit = on_commit
         self._emit(iv)
 
     def _emit(self, data: bytes) -> None:
-        self._md5.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
         self._inner.write(data)
 
     def _write(self, data: memoryview) -> None:
@@ -186,10 +190,12 @@ class _EncryptingWriter(RemoteWriter):
     def _commit(self) -> None:
         self._emit(self._cipher.digest())
         self._inner.commit()
-        if self._on_commit is not None:
+        if self._md5 is not None:
             self._on_commit(self._md5.hexdigest())
 
     def _abort(self) -> None:
+        if self._md5 is not None:
+            self._md5.hexdigest()  # ends its thread
         self._inner.abort()
 
 
@@ -213,7 +219,7 @@ class _DecryptingReader(io.RawIOBase):
             raise FormatError("encrypted file is too short to hold an IV and a tag", path=path)
         self._cipher = _cipher(algorithm, key, iv)
         self._held = b""  # the last TAG_LENGTH bytes read so far: the tag once at EOF
-        self._buffer = b""
+        self._buffer = memoryview(b"")
         self._eof = False
         self._skip = skip
         self._remaining = length
@@ -243,11 +249,16 @@ class _DecryptingReader(io.RawIOBase):
                     path=self._path,
                 ) from None
             return
-        data = self._held + chunk
-        self._held = data[-TAG_LENGTH:]
-        body = data[:-TAG_LENGTH]
-        if body:
-            self._buffer += self._cipher.decrypt(body)
+        # the last TAG_LENGTH bytes seen may be the tag: decrypt everything before them
+        if len(chunk) >= TAG_LENGTH:
+            body = self._cipher.decrypt(self._held) if self._held else b""
+            body += self._cipher.decrypt(memoryview(chunk)[:-TAG_LENGTH])
+            self._held = bytes(chunk[-TAG_LENGTH:])
+        else:
+            data = self._held + chunk
+            body = self._cipher.decrypt(data[:-TAG_LENGTH]) if len(data) > TAG_LENGTH else b""
+            self._held = data[-TAG_LENGTH:]
+        self._buffer = memoryview(bytes(self._buffer) + body) if self._buffer else memoryview(body)
 
     def readable(self) -> bool:
         return True
@@ -255,7 +266,7 @@ class _DecryptingReader(io.RawIOBase):
     def _drain(self) -> None:
         """Read on to end of file so the tag is checked before the last bytes are given."""
         while not self._eof:
-            self._buffer = b""
+            self._buffer = memoryview(b"")
             self._fill()
 
     def readinto(self, target: Any) -> int:
@@ -379,7 +390,8 @@ class EncryptedRemote(Remote):
         def remember(md5: str) -> None:
             self._cipher_md5[path] = md5
 
-        return _EncryptingWriter(inner, self.algorithm, self._key, remember)
+        on_commit = remember if path.endswith(CHECKED_SUFFIXES) else None
+        return _EncryptingWriter(inner, self.algorithm, self._key, on_commit)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         path = normalize_path(path)
