@@ -15,6 +15,11 @@ On-remote format (the one Xen Orchestra's ``@xen-orchestra/fs`` uses):
 * ``*.checksum`` files stay plain (so a remote can be checked without the key) and hold the
   MD5 of the *encrypted* file, as XO computes them.
 
+Writes stream: each chunk is encrypted as it comes, the tag is appended on commit. A monolithic
+VHD is refused (XO allows encryption only with VhdDirectory; the engine already picks
+VhdDirectory on remotes that cannot update files in place, as this one). A remote opened
+without a key whose ``encryption.json`` names an algorithm is refused too.
+
 Reads: a file up to :data:`WHOLE_READ_LIMIT` bytes (VhdDirectory blocks, JSON, aliases) is read
 whole and its tag verified before any byte is returned. A larger file (an XVA) is streamed: bytes
 are returned as they are decrypted and the tag is checked when the end of the file is reached,
@@ -448,6 +453,9 @@ class EncryptedRemote(Remote):
 
     def rename(self, source: str, target: str) -> None:
         self._inner.rename(source, target)
+        md5 = self._cipher_md5.pop(normalize_path(source), None)
+        if md5 is not None:
+            self._cipher_md5[normalize_path(target)] = md5
 
     def delete(self, path: str, *, missing_ok: bool = False) -> None:
         self._inner.delete(path, missing_ok=missing_ok)
