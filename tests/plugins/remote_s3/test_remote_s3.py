@@ -3,7 +3,9 @@ with enforced Object Lock)."""
 
 from __future__ import annotations
 
+import base64
 import uuid
+import zlib
 
 import pytest
 
@@ -78,25 +80,35 @@ class TestS3RemoteOnSeaweed(RemoteConformance):
 
 # -- multipart sizing ---------------------------------------------------------------------------
 def test_part_sizes_cover_huge_streams():
-    from xobackup_remote_s3.remote import MAX_PARTS, MIN_PART_SIZE, first_part_size, part_size_for
+    from xobackup_remote_s3.remote import (
+        DEFAULT_PART_SIZE,
+        MAX_PARTS,
+        MIN_PART_SIZE,
+        first_part_size,
+        part_size_for,
+    )
 
-    assert part_size_for(1) == part_size_for(50) == MIN_PART_SIZE
-    assert part_size_for(51) == part_size_for(1000) == 2 * MIN_PART_SIZE
-    assert part_size_for(1001) == part_size_for(2000) == 4 * MIN_PART_SIZE
-    assert part_size_for(2001) == 8 * MIN_PART_SIZE
-    assert sum(part_size_for(n) for n in range(1, 129)) >= 2**30  # 1 GiB in 128 parts
-    covered = sum(part_size_for(n) for n in range(1, MAX_PARTS + 1))
-    assert covered > 4.8 * 2**40  # S3's 5 TiB object limit, without any hint
+    assert DEFAULT_PART_SIZE == 8 * MiB
+    assert part_size_for(1) == part_size_for(50) == DEFAULT_PART_SIZE
+    assert part_size_for(51) == part_size_for(1000) == 2 * DEFAULT_PART_SIZE
+    assert part_size_for(1001) == part_size_for(2000) == 4 * DEFAULT_PART_SIZE
+    assert part_size_for(2001) == 8 * DEFAULT_PART_SIZE
+    assert sum(part_size_for(n) for n in range(1, 90)) >= 2**30  # 1 GiB in 89 parts
+    assert part_size_for(1, MIN_PART_SIZE) == MIN_PART_SIZE
+    assert part_size_for(51, MIN_PART_SIZE) == 2 * MIN_PART_SIZE
+    for first in (MIN_PART_SIZE, DEFAULT_PART_SIZE):
+        covered = sum(part_size_for(n, first) for n in range(1, MAX_PARTS + 1))
+        assert covered > 4.8 * 2**40  # S3's 5 TiB object limit, without any hint
     hint = 3 * 2**40
     assert first_part_size(hint) * MAX_PARTS >= hint
-    assert first_part_size(None) == MIN_PART_SIZE
+    assert first_part_size(None) == DEFAULT_PART_SIZE
 
 
 def test_stream_is_uploaded_in_parts_and_small_files_in_one_put(moto_server):
     from tests.servers.s3 import client
 
     bucket = make_bucket(moto_server)
-    data = pattern(12 * MiB + 5)
+    data = pattern(20 * MiB + 5)
     with open_remote(moto_server, bucket) as remote:
         with remote.open_write("/vm/disk.vhd") as writer:
             for offset in range(0, len(data), MiB):
@@ -104,8 +116,16 @@ def test_stream_is_uploaded_in_parts_and_small_files_in_one_put(moto_server):
         remote.write_bytes("/vm/small.json", b"{}")
     s3 = client(moto_server)
     head = s3.head_object(Bucket=bucket, Key="backups/vm/disk.vhd", PartNumber=1)
-    assert head["PartsCount"] == 3  # 5 MiB + 5 MiB + the rest
+    assert head["PartsCount"] == 3  # 8 MiB + 8 MiB + the rest
     assert s3.get_object(Bucket=bucket, Key="backups/vm/disk.vhd")["Body"].read() == data
+    # The parts' CRC-32 was declared with the upload: the object carries their combination.
+    checksum = s3.head_object(Bucket=bucket, Key="backups/vm/disk.vhd", ChecksumMode="ENABLED")
+    parts = [data[: 8 * MiB], data[8 * MiB : 16 * MiB], data[16 * MiB :]]
+    combined = b"".join(zlib.crc32(part).to_bytes(4, "big") for part in parts)
+    assert (
+        checksum["ChecksumCRC32"]
+        == base64.b64encode(zlib.crc32(combined).to_bytes(4, "big")).decode()
+    )
     assert not s3.head_object(Bucket=bucket, Key="backups/vm/small.json")["ETag"].count("-")
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
@@ -235,21 +255,21 @@ def test_size_hint_and_spooled_parts(moto_server, monkeypatch):
 
     bucket = make_bucket(moto_server)
     s3 = client(moto_server)
-    hinted = pattern(15 * MiB, seed=3)
+    hinted = pattern(25 * MiB, seed=3)
     spooled = pattern(41 * MiB, seed=4)
     with open_remote(moto_server, bucket, part_size=20 * MiB) as remote:
         with remote.open_write("/spooled.bin") as writer:  # 20 MiB parts go through temp files
             for offset in range(0, len(spooled), 3 * MiB):
                 writer.write(spooled[offset : offset + 3 * MiB])
     with open_remote(moto_server, bucket) as remote:
-        # 60 GiB in at most 10,000 parts: 7 MiB parts from the start.
-        with remote.open_write("/hinted.bin", size_hint=60 * 2**30) as writer:
+        # 100 GiB in at most 10,000 parts: 11 MiB parts from the start.
+        with remote.open_write("/hinted.bin", size_hint=100 * 2**30) as writer:
             writer.write(hinted)
     head = s3.head_object(Bucket=bucket, Key="backups/spooled.bin", PartNumber=1)
     assert head["PartsCount"] == 3 and head["ContentLength"] == 20 * MiB
     assert s3.get_object(Bucket=bucket, Key="backups/spooled.bin")["Body"].read() == spooled
     head = s3.head_object(Bucket=bucket, Key="backups/hinted.bin", PartNumber=1)
-    assert head["PartsCount"] == 3 and head["ContentLength"] == 7 * MiB
+    assert head["PartsCount"] == 3 and head["ContentLength"] == 11 * MiB
     assert s3.get_object(Bucket=bucket, Key="backups/hinted.bin")["Body"].read() == hinted
 
 
