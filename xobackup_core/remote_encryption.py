@@ -334,8 +334,13 @@ class EncryptedRemote(Remote):
 
     def _create_metadata(self) -> None:
         self.algorithm = DEFAULT_ALGORITHM
-        self._inner.write_bytes(ENCRYPTION_FILE, json.dumps({"algorithm": self.algorithm}).encode())
-        self.write_bytes(METADATA_FILE, json.dumps({"random": str(uuid.uuid4())}).encode())
+        self._inner.write_bytes(
+            ENCRYPTION_FILE,
+            json.dumps({"algorithm": self.algorithm}, separators=(",", ":")).encode(),
+        )
+        self.write_bytes(
+            METADATA_FILE, json.dumps({"random": str(uuid.uuid4())}, separators=(",", ":")).encode()
+        )
 
     def check_key(self) -> None:
         """Read ``encryption.json`` and decrypt ``metadata.json`` (XO's key check).

@@ -37,6 +37,7 @@ EXPECTED = json.loads((CHACHA / "expected.json").read_text())
 EXPECTED_AES = json.loads((AES / "expected.json").read_text())
 KEY = EXPECTED["encryption"]["key"]
 WRONG_KEY = "an-other-key-of-32-characters-!!"
+CHACHA_ENCRYPTION_JSON = '{"algorithm":"chacha20-poly1305"}'
 DELTA_VM = "8a7b6c5d-4e3f-4a2b-9c1d-0e9f8a7b6c5d"
 XVA_VM = "9b8c7d6e-5f4a-4b3c-8d2e-1f0a9b8c7d6e"
 
@@ -97,6 +98,7 @@ def restore_pool(tmp_path_factory):
 
 # -- the fixture is really encrypted -------------------------------------------------------------
 def test_fixture_files_are_ciphertext_and_layout_is_xo_s(xo_remote):
+    assert (xo_remote / "encryption.json").read_text() == CHACHA_ENCRYPTION_JSON
     assert json.loads((xo_remote / "encryption.json").read_text()) == {
         "algorithm": "chacha20-poly1305"
     }
@@ -317,7 +319,8 @@ def test_empty_remote_gets_xo_key_check_files(tmp_path):
     root = tmp_path / "empty"
     root.mkdir()
     remote = open_remote(root)
-    assert json.loads((root / "encryption.json").read_text()) == {"algorithm": "chacha20-poly1305"}
+    # byte for byte what XO writes (its own fixture holds the same text)
+    assert (root / "encryption.json").read_text() == (CHACHA_ENCRYPTION_JSON)
     stored = (root / "metadata.json").read_bytes()
     assert set(json.loads(remote.read_bytes("/metadata.json"))) == {"random"}
     assert len(stored) == 12 + len(remote.read_bytes("/metadata.json")) + 16
