@@ -19,6 +19,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +110,32 @@ def _schema_v2(db: sqlite3.Connection) -> None:
     )
 
 
-SCHEMA_VERSION = 2
+def _schema_v3(db: sqlite3.Connection) -> None:
+    """Live progress of each VM of a run (stage, bytes), for readers in other processes."""
+    db.execute(
+        """CREATE TABLE progress (
+            run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+            vm_uuid TEXT NOT NULL,
+            name TEXT NOT NULL,
+            stage TEXT NOT NULL,
+            status TEXT,
+            transferred INTEGER NOT NULL,
+            start_time INTEGER NOT NULL,
+            update_time INTEGER NOT NULL,
+            updates INTEGER NOT NULL DEFAULT 1,
+            PRIMARY KEY (run_id, vm_uuid)
+        )"""
+    )
+
+
+SCHEMA_VERSION = 3
 """The schema this code writes (SQLite ``PRAGMA user_version``)."""
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _schema_v1, 2: _schema_v2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _schema_v1,
+    2: _schema_v2,
+    3: _schema_v3,
+}
 """Version ``n`` → the function that turns a version ``n - 1`` database into version ``n``.
 Each runs inside the opening transaction; add one per schema change, never edit an old one."""
 
@@ -132,6 +155,32 @@ def _like(text: str) -> str:
     """A LIKE pattern matching ``text`` anywhere (its own % and _ taken literally)."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
+
+
+@dataclass
+class VmProgressRecord:
+    """The last recorded progress of one VM of a run (see :meth:`LogStore.record_progress`)."""
+
+    vm_uuid: str
+    name: str
+    stage: str
+    status: str | None
+    """``success`` or ``failure`` once the VM's backup ended, else None."""
+    transferred: int
+    """Bytes exported so far."""
+    start: int
+    """When the VM's backup started (ms)."""
+    updated: int
+    """When this was recorded (ms)."""
+    updates: int
+    """How many times the row was written (the writer throttles: about once a second)."""
+
+    @property
+    def speed(self) -> float | None:
+        """Average bytes per second from the VM's start to the last record; None before any."""
+        if not self.transferred:
+            return None
+        return self.transferred * 1000 / max(self.updated - self.start, 1)
 
 
 class LogStore:
@@ -325,6 +374,42 @@ class LogStore:
         )
         return changed > 0
 
+    def record_progress(
+        self,
+        run_id: str,
+        vm_uuid: str,
+        *,
+        name: str,
+        stage: str,
+        transferred: int,
+        start: int,
+        status: str | None = None,
+        at: int | None = None,
+    ) -> None:
+        """Set the live progress of one VM of a run (one row per VM, overwritten).
+
+        Callers throttle (:class:`xobackup_core.engine.progress.StoredProgress`): this is one
+        write transaction.
+        """
+        self._execute(
+            "INSERT INTO progress (run_id, vm_uuid, name, stage, status, transferred,"
+            " start_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (run_id, vm_uuid) DO UPDATE SET name = excluded.name,"
+            " stage = excluded.stage, status = excluded.status,"
+            " transferred = excluded.transferred, update_time = excluded.update_time,"
+            " updates = updates + 1",
+            (
+                run_id,
+                vm_uuid,
+                name,
+                stage,
+                status,
+                transferred,
+                start,
+                now_ms() if at is None else at,
+            ),
+        )
+
     # -- runs whose process died -------------------------------------------------------------
     def _run_alive(self, row: sqlite3.Row, now: int, stale_after: float) -> bool:
         if row["hostname"] == hostname():
@@ -485,6 +570,35 @@ class LogStore:
             owner: RunRecord | TaskRecord = tasks.get(row["task_id"], run)
             (owner.warnings if row["level"] == "warning" else owner.infos).append(message)
         return run
+
+    def run_progress(
+        self, run_id: str, *, pending_only: bool = False
+    ) -> dict[str, VmProgressRecord]:
+        """VM uuid → last recorded progress of a run, in the order the VMs started.
+
+        Rows stay after the run ends (they go with the run); ``pending_only`` returns nothing
+        for a run that is no longer pending.
+        """
+        sql = "SELECT p.* FROM progress p"
+        params: list[Any] = []
+        if pending_only:
+            sql += " JOIN runs r ON r.run_id = p.run_id AND r.status = ?"
+            params.append(Status.PENDING.value)
+        sql += " WHERE p.run_id = ? ORDER BY p.start_time, p.rowid"
+        rows = self._query(sql, [*params, run_id])
+        return {
+            row["vm_uuid"]: VmProgressRecord(
+                vm_uuid=row["vm_uuid"],
+                name=row["name"],
+                stage=row["stage"],
+                status=row["status"],
+                transferred=row["transferred"],
+                start=row["start_time"],
+                updated=row["update_time"],
+                updates=row["updates"],
+            )
+            for row in rows
+        }
 
     def list_runs(self, run_filter: RunFilter | None = None) -> list[RunRecord]:
         """Runs matching ``run_filter``, newest first, without their task trees.
