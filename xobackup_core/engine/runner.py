@@ -32,7 +32,7 @@ from typing import Any
 from xobackup_core.config import Config
 from xobackup_core.engine.disk_sinks import VhdDirectorySink, VhdFileSink
 from xobackup_core.engine.limits import LimitValues, PoolLimiter, shared_limiter
-from xobackup_core.engine.progress import Progress
+from xobackup_core.engine.progress import Progress, StoredProgress, TeeProgress
 from xobackup_core.engine.replication import Replication, SrTarget, open_sr_targets
 from xobackup_core.engine.repository import BackupMetadata, BackupRepository, format_timestamp
 from xobackup_core.engine.retention import entries_to_delete, period_tags
@@ -259,13 +259,15 @@ class JobRunner:
             return "nothing to do: no remote to write to and no snapshotRetention"
         limiter = RateLimiter(int(settings["maxExportRate"] or 0))
         workers = settings["concurrency"] or len(vms)
+        # the run log gets the progress too, for readers in other processes (xobackup serve)
+        progress = TeeProgress(self.progress, StoredProgress(self.log_store, recorder.run_id))
 
         def backup_one(vm: Vm) -> None:
             vm_settings = config.effective_settings(
                 job_key, schedule_key=schedule_key, vm_uuid=vm.uuid
             )
             status = "failure"
-            self.progress.vm_started(vm.uuid, vm.name)
+            progress.vm_started(vm.uuid, vm.name)
             try:
                 with recorder.task(
                     "backup VM", {"type": "VM", "id": vm.uuid, "name_label": vm.name}
@@ -287,13 +289,14 @@ class JobRunner:
                         recorder=recorder,
                         task=vm_task,
                         rate=limiter,
+                        progress=progress,
                     )
                     backup.run()
                 status = "success"
             except Exception:  # recorded on the VM task; the other VMs go on
                 status = "failure"
             outcome.vm_status[vm.uuid] = status
-            self.progress.vm_finished(vm.uuid, status)
+            progress.vm_finished(vm.uuid, status)
 
         # The job itself is locked on each remote, so two processes that do not share a run
         # log (two hosts, say) never run it at once against the same remotes.
@@ -368,8 +371,10 @@ class _VmBackup:
         task: TaskHandle,
         rate: RateLimiter,
         sr_targets: Sequence[SrTarget] = (),
+        progress: Progress | None = None,
     ) -> None:
         self.runner = runner
+        self.progress = progress or runner.progress
         self.driver = driver
         self.inventory = inventory
         self.vm = vm
@@ -527,7 +532,7 @@ class _VmBackup:
         """Offline modes: shut the VM down cleanly before its snapshot or export."""
         if self.start_after is None or self.stopped:
             return
-        self.runner.progress.stage(self.vm.uuid, "shutdown")
+        self.progress.stage(self.vm.uuid, "shutdown")
         with self.recorder.task("shutdown", {"mode": self.start_after}, parent=self.task):
             self.driver.shutdown_vm(self.vm.uuid, force_after=self.runner.shutdown_force_after)
             self.stopped = True
@@ -584,7 +589,7 @@ class _VmBackup:
 
     def _take_snapshot(self, timestamp_ms: int, ignore: tuple[str, ...] = ()) -> Vm:
         memory = bool(self.settings["checkpointSnapshot"]) or "xo-memory-backup" in self.vm.tags
-        self.runner.progress.stage(self.vm.uuid, "snapshot")
+        self.progress.stage(self.vm.uuid, "snapshot")
         with self.recorder.task("snapshot", parent=self.task) as step:
             # the pool's snapshot slot covers the snapshot itself, not its bookkeeping
             with self.slot("snapshots"):
@@ -678,7 +683,7 @@ class _VmBackup:
 
     def export_xva(self, snapshot: Vm, stamp: str, timestamp_ms: int, compression: str) -> None:
         name = f"{stamp}.xva"
-        self.runner.progress.stage(self.vm.uuid, "export")
+        self.progress.stage(self.vm.uuid, "export")
         with self.slot("vm_exports"):
             stream = self.driver.export_vm(snapshot.uuid, compression=compression)  # type: ignore[arg-type]
             fan_targets = []
@@ -718,7 +723,7 @@ class _VmBackup:
 
             def on_chunk(size: int) -> None:
                 self.check()
-                self.runner.progress.transferred(self.vm.uuid, size)
+                self.progress.transferred(self.vm.uuid, size)
 
             try:
                 with self.tracked(stream):
@@ -946,7 +951,7 @@ class _VmBackup:
             base_disk = None
             if base is not None:
                 base_disk = next((d for d in base.disks if d.snapshot_of == disk.vdi_uuid), None)
-            self.runner.progress.stage(self.vm.uuid, "export")
+            self.progress.stage(self.vm.uuid, "export")
             with self.slot("disk_exports"):
                 stream = self.driver.export_disk(
                     snap_disk.vdi_uuid,
@@ -1042,7 +1047,7 @@ class _VmBackup:
             for index, data in reader.blocks():
                 self.check()
                 self.rate.consume(len(data))
-                self.runner.progress.transferred(self.vm.uuid, len(data))
+                self.progress.transferred(self.vm.uuid, len(data))
                 if not fanout.write((index, data), size=len(data)):
                     break
             fanout.finish()
@@ -1095,7 +1100,7 @@ class _VmBackup:
                 doomed = doomed[:cap]
             if not doomed:
                 continue
-            self.runner.progress.stage(self.vm.uuid, "retention")
+            self.progress.stage(self.vm.uuid, "retention")
             with self.recorder.task(
                 "retention", {"type": "remote", "id": target.key}, parent=self.task
             ) as step:
