@@ -103,8 +103,8 @@ class RunDetail(RunSummary):
         "size, result, warnings, infos and its child tasks"
     )
     progress: dict[str, dict[str, Any]] | None = Field(
-        description="per VM uuid: name, stage, bytes transferred, speed (bytes/s); only for "
-        "a run this server is running, else null"
+        description="per VM uuid: name, stage, bytes transferred, speed (bytes/s); only "
+        "while the run is in progress (in any process), else null"
     )
 
 

@@ -298,13 +298,32 @@ class Overview:
         return run
 
     def progress(self, run_id: str) -> dict[str, dict[str, Any]] | None:
-        """Live per-VM figures of a run this server is running; None for any other run."""
+        """Live per-VM figures (name, stage, transferred, speed) of a run in progress; None
+        once it has ended.
+
+        A run this server started has them in memory; any other (the daemon's, a
+        ``xobackup run``'s) from the run log, where its engine records them about once a
+        second, so its figures are at most that old.
+        """
         live = self._progress.get(run_id)
-        return live.snapshot() if live is not None else None
+        if live is not None:
+            return live.snapshot()
+        recorded = self.store.run_progress(run_id, pending_only=True)
+        if not recorded:
+            return None
+        return {
+            uuid: {
+                "name": vm.name,
+                "stage": vm.status or vm.stage,
+                "transferred": vm.transferred,
+                "speed": vm.speed,
+            }
+            for uuid, vm in recorded.items()
+        }
 
     def fingerprint(self) -> str:
         """Changes whenever a page would: a new or ended run, a task or message of a running
-        one, bytes moved by a run of this server. Cheap enough to poll every second."""
+        one, bytes moved by a running run. Cheap enough to poll every second."""
         parts: list[Any] = [
             (run.run_id, run.status.value, run.end) for run in self.runs(RunFilter(limit=20))
         ]

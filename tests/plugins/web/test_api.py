@@ -57,7 +57,7 @@ def test_run_detail_has_the_task_tree_sizes_and_warnings(site: Site):
     assert exports and all(task["size"] > 0 and task["duration"] is not None for task in exports)
     warnings = [w["message"] for w in run["warnings"]]
     assert any("offsite" in message for message in warnings), warnings
-    assert run["progress"] is None  # not a run of this server
+    assert run["progress"] is None  # the run has ended: no live figures
     assert missing.status_code == 404
 
 
