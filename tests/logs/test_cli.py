@@ -239,3 +239,18 @@ def test_real_process_exit_codes(recorded, default_db):
     assert unknown.returncode == ExitCode.USAGE
     assert unknown.stderr.startswith("xobackup: error: no run '0000'")
     assert "Traceback" not in unknown.stderr
+
+
+def test_show_a_running_run_with_its_progress(default_db):
+    with LogStore(default_db) as store:
+        run = store.start_run("job-a", "Nightly", heartbeat_interval=None)  # this process: alive
+        run.task("backup VM", vm("u1", "web01"))
+        store.record_progress(
+            run.run_id, "u1", name="web01", stage="export", transferred=3 * 2**20, start=0, at=2000
+        )
+        result = invoke("logs", "show", run.run_id)
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines()[-1] == "now: web01  export  3.0 MiB  1.5 MiB/s"
+        run.finish()
+    ended = invoke("logs", "show", run.run_id)
+    assert ended.exit_code == 0 and "now:" not in ended.output

@@ -14,7 +14,7 @@ from xobackup_core.cli.context import AppContext, pass_app
 from xobackup_core.config import default_config_path
 from xobackup_core.errors import UsageError
 from xobackup_core.logs import LogStore, RunFilter, log_path_from_config, parse_since
-from xobackup_core.logs.render import run_lines, tree_lines
+from xobackup_core.logs.render import format_size, format_speed, run_lines, tree_lines
 
 _COLOR_CHOICES = click.Choice(["auto", "always", "never"])
 
@@ -159,6 +159,7 @@ def show_command(
     with store:
         full_id = store.find_run(run_id)
         run = store.get_run(full_id) if full_id else None
+        progress = store.run_progress(full_id, pending_only=True) if run else {}
     if run is None:
         raise UsageError(
             f"no run {run_id!r} in the log database {store.path}; "
@@ -169,6 +170,9 @@ def show_command(
         return
     for line in tree_lines(run):
         click.echo(line, color=_use_color(color))
+    for vm in progress.values():  # a running run: how far each VM has got, as last recorded
+        rate = f"  {format_speed(vm.speed)}" if vm.speed else ""
+        click.echo(f"now: {vm.name}  {vm.stage}  {format_size(vm.transferred)}{rate}")
 
 
 def register(cli: click.Group) -> None:
