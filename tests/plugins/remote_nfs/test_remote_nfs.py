@@ -156,6 +156,53 @@ def test_writable_buffers_are_written_without_a_copy_and_correctly(nfs_server):
         assert remote.read_bytes("/f") == data
 
 
+def test_large_files_are_committed_behind_the_writes(nfs_server, monkeypatch):
+    from xobackup_remote_nfs import libnfs
+    from xobackup_remote_nfs import remote as nfs_remote
+
+    monkeypatch.setattr(nfs_remote, "FLUSH_EVERY", 2 * MiB)
+    commits = []
+    fsync = libnfs.Context.fsync
+
+    def counting_fsync(context, handle):
+        commits.append(threading.current_thread().name)
+        fsync(context, handle)
+
+    monkeypatch.setattr(libnfs.Context, "fsync", counting_fsync)
+    data = pattern(9 * MiB + 3, seed=8)
+    with nfs_server.joined(), _remote(nfs_server, "behind") as remote:
+        with remote.open_write("/disk.vhd") as writer:
+            for offset in range(0, len(data), MiB):
+                writer.write(data[offset : offset + MiB])
+        assert remote.read_bytes("/disk.vhd") == data
+    assert "nfs-flush-behind" in commits  # COMMITs while the data was still streaming
+    assert commits[-1] == threading.current_thread().name  # then the final one
+
+
+def test_a_failed_background_commit_fails_the_file(nfs_server, monkeypatch):
+    import errno
+
+    from xobackup_remote_nfs import libnfs
+    from xobackup_remote_nfs import remote as nfs_remote
+
+    monkeypatch.setattr(nfs_remote, "FLUSH_EVERY", 2 * MiB)
+    fsync = libnfs.Context.fsync
+
+    def failing_in_background(context, handle):
+        if threading.current_thread().name == "nfs-flush-behind":
+            raise OSError(errno.EIO, "commit: the server lost the data")
+        fsync(context, handle)
+
+    monkeypatch.setattr(libnfs.Context, "fsync", failing_in_background)
+    with nfs_server.joined(), _remote(nfs_server, "behind-failed") as remote:
+        with pytest.raises(RemoteError) as caught, remote.open_write("/disk.vhd") as writer:
+            for _ in range(4):
+                writer.write(pattern(MiB))
+        assert "lost the data" in str(caught.value) and "/disk.vhd" in str(caught.value)
+        assert remote.list("/") == []
+        assert [n for n in os.listdir(nfs_server.export_dir / "behind-failed")] == []
+
+
 def test_subfolder_of_an_export_that_does_not_exist_yet_is_created(nfs_server):
     sub = f"new-{uuid.uuid4().hex[:8]}/inner"
     with nfs_server.joined(), _remote(nfs_server, sub) as remote:
