@@ -130,6 +130,23 @@ def test_stream_is_uploaded_in_parts_and_small_files_in_one_put(moto_server):
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
+def test_checksums_when_required_uploads_parts_without_checksums(moto_server):
+    from tests.servers.s3 import client
+
+    bucket = make_bucket(moto_server)
+    data = pattern(17 * MiB, seed=9)
+    with open_remote(moto_server, bucket, checksums="when_required") as remote:
+        with remote.open_write("/old-server.vhd") as writer:
+            writer.write(data)
+    s3 = client(moto_server)
+    key = "backups/old-server.vhd"
+    assert s3.head_object(Bucket=bucket, Key=key, PartNumber=1)["PartsCount"] == 3
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+    # No checksum algorithm declared or sent: the object has no CRC-32 of its parts.
+    attributes = s3.get_object_attributes(Bucket=bucket, Key=key, ObjectAttributes=["Checksum"])
+    assert "ChecksumCRC32" not in attributes.get("Checksum", {})
+
+
 def test_abort_aborts_the_multipart_upload(moto_server):
     from tests.servers.s3 import client
 
