@@ -31,7 +31,7 @@ from typing import Any
 
 from xobackup_core.config import Config
 from xobackup_core.engine.disk_sinks import VhdDirectorySink, VhdFileSink
-from xobackup_core.engine.limits import LimitValues, PoolLimiter, shared_limiter
+from xobackup_core.engine.limits import OPERATIONS, LimitValues, PoolLimiter, shared_limiter
 from xobackup_core.engine.progress import Progress, StoredProgress, TeeProgress
 from xobackup_core.engine.replication import Replication, SrTarget, open_sr_targets
 from xobackup_core.engine.repository import BackupMetadata, BackupRepository, format_timestamp
@@ -258,7 +258,15 @@ class JobRunner:
         if not targets and not sr_targets and settings["snapshotRetention"] <= 0:
             return "nothing to do: no remote to write to and no snapshotRetention"
         limiter = RateLimiter(int(settings["maxExportRate"] or 0))
-        workers = settings["concurrency"] or len(vms)
+        workers = settings["concurrency"]
+        if not workers:
+            # 0: the job sets no bound. Every step of a VM's backup that loads a pool holds
+            # one of the pool's slots, so more VMs in flight than all their pools' slots only
+            # wait on semaphores while their threads fight over the interpreter (a 1000-VM
+            # job spent more time switching threads than backing up).
+            pools = {vm.pool_uuid for vm in vms}
+            slots = sum(getattr(self.limiter.values, op) for op in OPERATIONS)
+            workers = min(len(vms), slots * len(pools))
         # the run log gets the progress too, for readers in other processes (xobackup serve)
         progress = TeeProgress(self.progress, StoredProgress(self.log_store, recorder.run_id))
 
