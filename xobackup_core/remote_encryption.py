@@ -39,8 +39,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from Crypto.Cipher import AES, ChaCha20, ChaCha20_Poly1305
-
 from xobackup_core.config import Secret
 from xobackup_core.config import _to_secret as to_secret
 from xobackup_core.engine.streams import BackgroundDigest
@@ -74,6 +72,10 @@ _MD5_PREFIX = "$1$$"
 
 
 def _cipher(algorithm: str, key: bytes, iv: bytes) -> Any:
+    # pycryptodome is imported here, not at the top: every remote that is opened goes through
+    # this module, and most are not encrypted.
+    from Crypto.Cipher import AES, ChaCha20_Poly1305
+
     if algorithm == CHACHA20:
         return ChaCha20_Poly1305.new(key=key, nonce=iv)
     return AES.new(key, AES.MODE_GCM, nonce=iv, mac_len=TAG_LENGTH)
@@ -85,6 +87,8 @@ def _keystream_at(algorithm: str, key: bytes, iv: bytes, position: int) -> Any:
     ChaCha20-Poly1305 (RFC 8439) encrypts the payload from block counter 1; AES-GCM with a
     96-bit IV from counter block ``IV ‖ 2``.
     """
+    from Crypto.Cipher import AES, ChaCha20
+
     if algorithm == CHACHA20:
         cipher = ChaCha20.new(key=key, nonce=iv)
         cipher.seek(64 + position)
