@@ -403,7 +403,21 @@ class Config(_Strict):
         for schedule_key, schedule in self.schedules.items():
             if schedule.job not in self.jobs:
                 raise _RefError(f"schedules.{schedule_key}.job", "job", schedule.job, self.jobs)
+        self._check_offline()
         return self
+
+    def _check_offline(self) -> None:
+        """Refuse at load time the offlineBackup combinations a run would refuse, per job and
+        per schedule (VM-level settings are checked when the VM is backed up)."""
+        for job_key, job in self.jobs.items():
+            problem = offline_settings_problem(self.effective_settings(job_key), job.mode)
+            if problem:
+                raise _RefError(f"jobs.{job_key}.settings", "", "", {}, message=problem)
+        for schedule_key, schedule in self.schedules.items():
+            settings = self.effective_settings(schedule.job, schedule_key=schedule_key)
+            problem = offline_settings_problem(settings, self.jobs[schedule.job].mode)
+            if problem:
+                raise _RefError(f"schedules.{schedule_key}", "", "", {}, message=problem)
 
     def job_id(self, job_key: str) -> str:
         job = self.jobs[job_key]
@@ -455,6 +469,29 @@ def _has_snapshot_retention(config: Config, job_key: str) -> bool:
     layers = [config.settings, config.jobs[job_key].settings]
     layers += [s for s in config.schedules.values() if s.job == job_key]
     return any((layer.snapshotRetention or 0) > 0 for layer in layers)
+
+
+def offline_settings_problem(settings: Mapping[str, Any], mode: str) -> str | None:
+    """Why Xen Orchestra would refuse these offline settings, or None (xo-backups.md §3.2).
+
+    ``offlineBackup`` exports the VM itself while it is shut down: there is no snapshot to
+    keep, so it cannot go with ``snapshotRetention``; and XO offers it for full backups only
+    (a delta needs a snapshot as the next base, which is what ``offlineSnapshot`` gives).
+    """
+    if not settings["offlineBackup"]:
+        return None
+    if settings["snapshotRetention"]:
+        return (
+            f"offlineBackup cannot go with snapshotRetention {settings['snapshotRetention']} "
+            "(the VM itself is exported, no snapshot is kept); set snapshotRetention = 0 or use "
+            "offlineSnapshot"
+        )
+    if mode != "full":
+        return (
+            f'offlineBackup is for full backups (mode = "full"); a {mode} job needs a snapshot '
+            "as its next base: use offlineSnapshot instead"
+        )
+    return None
 
 
 class _RefError(ValueError):

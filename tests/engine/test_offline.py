@@ -9,7 +9,7 @@ from xobackup_remote_local import LocalRemote
 
 from tests.engine.test_backup_runs import guest_vms
 from xobackup_core.engine.repository import BackupRepository
-from xobackup_core.errors import UsageError
+from xobackup_core.errors import ConfigError
 
 POWER_CALLS = (
     "Async.VM.clean_shutdown",
@@ -163,15 +163,28 @@ def test_a_guest_that_ignores_the_shutdown_is_powered_off_after_the_delay(harnes
     assert power_state(sim, vm_uuid) == "Running"
 
 
-def test_offline_backup_with_snapshot_retention_is_refused(harness):
+def test_offline_backup_with_snapshot_retention_is_refused_when_the_config_loads(harness):
+    vm_uuid = vm_in_state(harness.sim, "Running")
+    with pytest.raises(
+        ConfigError, match=r"jobs\.j\.settings: offlineBackup cannot go with snapshotRetention 1"
+    ):
+        harness.config(job(vm_uuid, "full", offlineBackup=True, snapshotRetention=1))
+    with pytest.raises(ConfigError, match=r"schedules\.nightly: .*use offlineSnapshot instead"):
+        harness.config(
+            {"j": {"mode": "delta", "remotes": ["nas"], "vms": [vm_uuid]}},
+            schedules={"nightly": {"job": "j", "cron": "0 3 * * *", "offlineBackup": True}},
+        )
+
+
+def test_offline_backup_in_vm_settings_is_refused_before_the_vm_is_touched(harness):
     sim = harness.sim
     vm_uuid = vm_in_state(sim, "Running")
-    config = harness.config(job(vm_uuid, "full", offlineBackup=True, snapshotRetention=1))
+    settings = {vm_uuid: {"offlineBackup": True, "snapshotRetention": 1}}
+    config = harness.config({"j": {**job(vm_uuid, "full")["j"], "vm_settings": settings}})
     calls = sim.record_calls()
-    with pytest.raises(UsageError, match="offlineBackup cannot go with snapshotRetention 1"):
-        harness.run(config, "j")
-    [run] = harness.store.list_runs()
-    assert run.status.value == "failure"
+    outcome = harness.run(config, "j")
+    assert outcome.status == "failure"
+    assert "offlineBackup cannot go with snapshotRetention 1" in run_log(harness, outcome)
     assert sequence(sim, calls, vm_uuid) == []
     assert power_state(sim, vm_uuid) == "Running"
 
@@ -179,9 +192,11 @@ def test_offline_backup_with_snapshot_retention_is_refused(harness):
 def test_offline_backup_of_a_delta_job_is_refused(harness):
     sim = harness.sim
     vm_uuid = vm_in_state(sim, "Running")
-    config = harness.config(job(vm_uuid, "delta", offlineBackup=True))
+    settings = {vm_uuid: {"offlineBackup": True}}
+    config = harness.config({"j": {**job(vm_uuid, "delta")["j"], "vm_settings": settings}})
     calls = sim.record_calls()
-    with pytest.raises(UsageError, match="use offlineSnapshot instead"):
-        harness.run(config, "j")
+    outcome = harness.run(config, "j")
+    assert outcome.status == "failure"
+    assert "use offlineSnapshot instead" in run_log(harness, outcome)
     assert sequence(sim, calls, vm_uuid) == []
     assert power_state(sim, vm_uuid) == "Running"

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from xobackup_core.config import Config
+from xobackup_core.config import Config, offline_settings_problem
 from xobackup_core.engine.disk_sinks import VhdDirectorySink, VhdFileSink
 from xobackup_core.engine.limits import OPERATIONS, LimitValues, PoolLimiter, shared_limiter
 from xobackup_core.engine.progress import Progress, StoredProgress, TeeProgress
@@ -83,25 +83,11 @@ OFFLINE_BACKUP_TAG = "xo-offline-backup"
 
 
 def check_offline_settings(settings: Mapping[str, Any], mode: str, where: str) -> None:
-    """Refuse the combinations Xen Orchestra refuses (xo-backups.md §3.2).
-
-    ``offlineBackup`` exports the VM itself while it is shut down: there is no snapshot to
-    keep, so it cannot go with ``snapshotRetention``; and XO offers it for full backups only
-    (a delta needs a snapshot as the next base, which is what ``offlineSnapshot`` gives).
-    """
-    if not settings["offlineBackup"]:
-        return
-    if settings["snapshotRetention"]:
-        raise UsageError(
-            f"{where}: offlineBackup cannot go with snapshotRetention "
-            f"{settings['snapshotRetention']} (the VM itself is exported, no snapshot is "
-            "kept); set snapshotRetention = 0 or use offlineSnapshot"
-        )
-    if mode != "full":
-        raise UsageError(
-            f'{where}: offlineBackup is for full backups (mode = "full"); a {mode} job '
-            "needs a snapshot as its next base: use offlineSnapshot instead"
-        )
+    """Refuse the offline combinations Xen Orchestra refuses (config.offline_settings_problem);
+    the config refuses them at load time too, except in VM-level settings."""
+    problem = offline_settings_problem(settings, mode)
+    if problem:
+        raise UsageError(f"{where}: {problem}")
 
 
 def snapshot_name(job_name: str, vm_name: str) -> str:
