@@ -79,6 +79,8 @@ MERGE_BLOCK_CONCURRENCY = 2
 STATE_INTERVAL = 10.0
 """Seconds between merge-state updates while moving blocks (XO's interval)."""
 PARENT_LOCATOR_COUNT = 8
+BITMAP_READ_SIZE = 4096
+"""Compressed bytes first fetched to decode a block's bitmap (more are fetched if needed)."""
 
 
 # -- per-chunk compression ---------------------------------------------------------------------
@@ -367,22 +369,48 @@ class VhdDirectory(WritableVhdDisk):
             if not prefix and not self.remote.exists(self.block_file(index)):
                 self._read_raw_block(index)
         else:
-            # Both codecs can stop once the bitmap is out: the 2 MiB of data stay compressed.
-            raw = self._read_raw_block(index)
+            prefix = self._compressed_prefix(index, bitmap_bytes, where)
+        if len(prefix) < bitmap_bytes:
+            raise FormatError("block file is shorter than its bitmap", path=where)
+        return prefix[:bitmap_bytes]
+
+    def _compressed_prefix(self, index: int, wanted: int, where: str) -> bytes:
+        """The first ``wanted`` decompressed bytes of block ``index``'s file (fewer if it is
+        shorter), reading only as much of the compressed file as they need.
+
+        Both codecs stream, so the bitmap comes out of the file's first bytes: fetching only
+        those keeps a merge on an object store from downloading every block it moves.
+        """
+        path = self.block_file(index)
+        gzip = self.codec.name == "gzip"
+        decoder = zlib.decompressobj(31) if gzip else _brotli().Decompressor()
+        out = b""
+        offset, step = 0, BITMAP_READ_SIZE
+        while len(out) < wanted:
             try:
-                if self.codec.name == "gzip":
-                    prefix = zlib.decompressobj(31).decompress(raw, bitmap_bytes)
+                raw = self.remote.read_range(path, offset, step)
+            except RemoteNotFoundError:
+                raw = b""
+            if not raw:
+                if offset == 0 and not self.remote.exists(path):
+                    self._read_raw_block(index)  # raises the error naming the missing file
+                break
+            offset += len(raw)
+            try:
+                if gzip:
+                    out += decoder.decompress(raw, wanted - len(out))
                 else:
-                    prefix = _brotli().Decompressor().process(raw, output_buffer_limit=bitmap_bytes)
+                    out += decoder.process(raw, output_buffer_limit=wanted - len(out))
             except zlib.error as error:
                 raise FormatError(f"corrupt gzip chunk: {error}", path=where) from None
             except Exception as error:
                 if type(error).__name__ == "error":  # brotli.error
                     raise FormatError(f"corrupt brotli chunk: {error}", path=where) from None
                 raise
-        if len(prefix) < bitmap_bytes:
-            raise FormatError("block file is shorter than its bitmap", path=where)
-        return prefix[:bitmap_bytes]
+            if len(raw) < step or (gzip and decoder.eof) or (not gzip and decoder.is_finished()):
+                break
+            step *= 8
+        return out
 
     def read_parent_locator(self, index: int) -> bytes | None:
         """The data of parent locator ``index`` (None when the file does not exist)."""
