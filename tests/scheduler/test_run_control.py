@@ -139,7 +139,7 @@ def test_a_version_1_log_gains_the_cancel_table(tmp_path):
     raw.commit()
     raw.close()
     with LogStore(path) as store:
-        assert store.schema_version == 2
+        assert store.schema_version == store_module.SCHEMA_VERSION
         assert cancel_request(store, "r1") is None
         assert request_cancel(store, "r1", by="me")
         assert cancel_request(store, "r1").run_id == "r1"
