@@ -411,9 +411,10 @@ class EncryptedRemote(Remote):
         path = normalize_path(path)
         if path.endswith(CHECKSUM_SUFFIX):
             # XO's checksum covers the file as stored (encrypted), so it can be checked without
-            # the key: replace the plaintext MD5 the caller computed by the ciphertext's.
+            # the key: replace the plaintext digest the caller computed (MD5 or SHA-256) by
+            # the ciphertext's MD5.
             md5 = self._cipher_md5.pop(path[: -len(CHECKSUM_SUFFIX)], None)
-            if md5 is not None and data.startswith(_MD5_PREFIX.encode()):
+            if md5 is not None and data.startswith(b"$"):
                 data = (_MD5_PREFIX + md5).encode()
         super().write_bytes(path, data)
 

@@ -19,6 +19,8 @@ job of the process; the job's ``concurrency`` bounds VMs in flight.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import posixpath
 import threading
 import time
@@ -74,8 +76,33 @@ from xobackup_core.scheduler.locks import VmLocks
 
 MIGRATION_BLOCKED = "VM migration is blocked during backup"
 NO_BACKUP_DISK_MARK = "[NOBAK]"
-XVA_CHECKSUM_PREFIX = "$1$$"
-"""``.xva.checksum`` holds the XVA's MD5 in crypt-like form, as Xen Orchestra writes it."""
+XVA_CHECKSUM_IDS = {"md5": "1", "sha256": "5"}
+"""``.xva.checksum`` holds ``$<id>$$<hex digest>`` (crypt-like); Xen Orchestra writes MD5 and
+verifies whichever of MD5 (1), SHA-256 (5) or SHA-512 (6) the file names."""
+
+
+def xva_checksum(digest: BackgroundDigest) -> str:
+    """The ``.xva.checksum`` text of a finished XVA's digest."""
+    return f"${XVA_CHECKSUM_IDS[digest.name]}$${digest.hexdigest()}"
+
+
+@functools.cache
+def xva_checksum_algorithm() -> str:
+    """The faster of MD5 and SHA-256 on this CPU, measured once per process.
+
+    The digest runs beside a full backup's transfer and can cap it: MD5 goes at about
+    650 MB/s on one core, SHA-256 at about 1.7 GB/s where the CPU has SHA extensions (and
+    slower than MD5 where it has not). Xen Orchestra verifies either.
+    """
+    sample = bytes(range(256)) * 8192  # 2 MiB
+    timings = {}
+    for name in XVA_CHECKSUM_IDS:
+        digest = hashlib.new(name, usedforsecurity=False)
+        start = time.perf_counter()
+        for _ in range(4):
+            digest.update(sample)
+        timings[name] = time.perf_counter() - start
+    return min(timings, key=timings.__getitem__)
 
 
 OFFLINE_BACKUP_TAG = "xo-offline-backup"
@@ -688,7 +715,7 @@ class _VmBackup:
                     "export", {"type": "remote", "id": target.key, "isFull": True}, parent=self.task
                 )
                 writer = target.remote.open_write(path)
-                digest = BackgroundDigest("md5")
+                digest = BackgroundDigest(xva_checksum_algorithm())
 
                 def write(chunk: bytes | memoryview, w: Any = writer, d: Any = digest) -> None:
                     w.write(chunk)
@@ -739,7 +766,7 @@ class _VmBackup:
             try:
                 target.remote.write_bytes(
                     fan_target.data["path"] + ".checksum",
-                    (XVA_CHECKSUM_PREFIX + fan_target.data["digest"].hexdigest()).encode(),
+                    xva_checksum(fan_target.data["digest"]).encode(),
                 )
                 metadata = self.base_metadata(timestamp_ms, snapshot)
                 metadata.update({"mode": "full", "xva": f"./{name}", "size": fan_target.written})

@@ -171,12 +171,13 @@ def read_ahead(stream: BinaryIO, chunk_size: int = CHUNK_SIZE, depth: int = 4) -
 class BackgroundDigest:
     """A hash computed in its own thread, so hashing overlaps with the transfer.
 
-    MD5 (what ``.xva.checksum`` holds) runs at a few hundred MB/s on one core: inline it would
+    MD5 (what ``.xva.checksum`` may hold) runs at a few hundred MB/s on one core: inline it would
     cap the transfer. hashlib releases the GIL on large buffers, so a thread really runs it
     beside the I/O. A bounded queue keeps memory at a few chunks.
     """
 
     def __init__(self, name: str = "md5", depth: int = 8) -> None:
+        self.name = name
         self._digest = hashlib.new(name, usedforsecurity=False)
         self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name=f"{name}-digest", daemon=True)
