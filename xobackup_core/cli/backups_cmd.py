@@ -46,19 +46,7 @@ def list_command(
                 for backup in repository.list_backups(vm_uuid):
                     if vm_filter and vm_filter not in (backup.vm_uuid, backup.vm_name):
                         continue
-                    rows.append(
-                        {
-                            "remote": name,
-                            "id": backup.path,
-                            "vm": backup.vm_uuid,
-                            "vmName": backup.vm_name,
-                            "timestamp": backup.timestamp,
-                            "mode": backup.mode,
-                            "size": backup.size,
-                            "jobId": backup.job_id,
-                            "scheduleId": backup.schedule_id,
-                        }
-                    )
+                    rows.append(backup.listing(name))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

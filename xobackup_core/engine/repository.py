@@ -84,6 +84,20 @@ class BackupMetadata:
     def size(self) -> int:
         return int(self.data.get("size", 0) or 0)
 
+    def listing(self, remote: str) -> dict[str, Any]:
+        """This backup as ``backups list --json`` and the web API show it, on ``remote``."""
+        return {
+            "remote": remote,
+            "id": self.path,
+            "vm": self.vm_uuid,
+            "vmName": self.vm_name,
+            "timestamp": self.timestamp,
+            "mode": self.mode,
+            "size": self.size,
+            "jobId": self.job_id,
+            "scheduleId": self.schedule_id,
+        }
+
     @property
     def folder(self) -> str:
         return self.path.rsplit("/", 1)[0]

@@ -447,17 +447,7 @@ class Overview:
                 for backup in repository.list_backups(vm_uuid):
                     if vm and vm not in (backup.vm_uuid, backup.vm_name):
                         continue
-                    yield {
-                        "remote": name,
-                        "id": backup.path,
-                        "vm": backup.vm_uuid,
-                        "vmName": backup.vm_name,
-                        "timestamp": backup.timestamp,
-                        "mode": backup.mode,
-                        "size": backup.size,
-                        "jobId": backup.job_id,
-                        "scheduleId": backup.schedule_id,
-                    }
+                    yield backup.listing(name)
 
     def backups_per_vm(self, vm: str | None = None) -> dict[str, Any]:
         """Backups grouped by VM, then by remote (newest first), with the unreadable remotes."""
