@@ -101,13 +101,16 @@ class Xapi:
         self.session.xenapi.login_with_password(sim.username, sim.password)
         self.x = self.session.xenapi
 
-    def guest(self) -> str:
-        records = self.x.VM.get_all_records()
-        return next(
-            ref
-            for ref, r in records.items()
+    def vms(self) -> dict[str, dict[str, Any]]:
+        """The guest VMs' records (no templates, control domain or snapshots), by ref."""
+        return {
+            ref: r
+            for ref, r in self.x.VM.get_all_records().items()
             if not r["is_a_template"] and not r["is_control_domain"] and not r["is_a_snapshot"]
-        )
+        }
+
+    def guest(self) -> str:
+        return next(iter(self.vms()))
 
     def disk_of(self, vm: str) -> str:
         for vbd in self.x.VM.get_VBDs(vm):

@@ -26,6 +26,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from bench_engine import Xapi
 from common import GIB, MIB, ChildRun, print_result, result, run_command
 from common import run_python as run_in_child
 
@@ -92,35 +93,6 @@ def write_config(folder: Path, sim: Any, sr_uuid: str, vm_uuid: str) -> Path:
         f"settings = {{ copyRetention = 3, snapshotRetention = {ROUNDS + 2} }}\n"
     )
     return path
-
-
-class Xapi:
-    """The official SDK on one simulated pool, to build the URLs curl streams."""
-
-    def __init__(self, sim: Any, pool: int) -> None:
-        import XenAPI
-
-        self.url = sim.pool(pool).url
-        self.session = XenAPI.Session(self.url)
-        self.session.xenapi.login_with_password(sim.username, sim.password)
-        self.x = self.session.xenapi
-
-    def vms(self) -> dict[str, dict[str, Any]]:
-        return {
-            ref: r
-            for ref, r in self.x.VM.get_all_records().items()
-            if not r["is_a_template"] and not r["is_control_domain"] and not r["is_a_snapshot"]
-        }
-
-    def disk_of(self, vm: str) -> str:
-        for vbd in self.x.VM.get_VBDs(vm):
-            if self.x.VBD.get_type(vbd) == "Disk":
-                return self.x.VBD.get_VDI(vbd)
-        raise RuntimeError("the VM has no disk")
-
-    def url_of(self, path: str, **query: str) -> str:
-        params = "&".join(f"{k}={v}" for k, v in query.items())
-        return f"{self.url}{path}?session_id={self.session._session}&{params}"
 
 
 def _ours(config: Path) -> tuple[ChildRun, dict[str, Any]]:
@@ -193,13 +165,13 @@ def bench_cr(curl: str, size: int, folder: Path) -> list[dict[str, Any]]:
         )
 
         def reference(into: str, base: str, snapshot: str) -> ChildRun:
-            export_url = source.url_of(
+            export_url = source.export_url(
                 "/export_raw_vdi",
                 vdi=source.disk_of(snapshot),
                 base=source.disk_of(base),
                 format="vhd",
             )
-            import_url = target.url_of("/import_raw_vdi", vdi=into, format="vhd")
+            import_url = target.export_url("/import_raw_vdi", vdi=into, format="vhd")
             return _pipeline(curl, export_url, import_url, _length(curl, export_url))
 
         def job_snapshots() -> list[str]:
