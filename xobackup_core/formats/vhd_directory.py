@@ -41,7 +41,7 @@ from xobackup_core.errors import FormatError, RemoteError, RemoteNotFoundError, 
 from xobackup_core.formats.source import RemoteSource
 from xobackup_core.formats.vhd import VhdBlock, VhdDisk, VhdFile, WritableVhdDisk
 from xobackup_core.formats.vhd_chain import OpenDisk
-from xobackup_core.formats.vhd_merge import MergeResult, merge_state_path
+from xobackup_core.formats.vhd_merge import MergeResult, merge_state_path, virtual_size_or_none
 from xobackup_core.formats.vhd_structs import (
     DEFAULT_BLOCK_SIZE,
     DISK_TYPE_DIFFERENCING,
@@ -1117,17 +1117,6 @@ def _removals(remote: Remote, paths: list[str]) -> list[str]:
     return removals
 
 
-def _leaf_size(remote: Remote, path: str) -> int | None:
-    try:
-        leaf = open_remote_disk(remote, path)
-    except (FormatError, RemoteError):
-        return None
-    try:
-        return leaf.size
-    finally:
-        leaf.close()
-
-
 def _cleanup(
     remote: Remote, paths: list[str], state_path: str, state: dict, *, resumed: bool
 ) -> MergeResult:
@@ -1144,7 +1133,7 @@ def _cleanup(
         # Not the state's ``diskSize``: Xen Orchestra records the size on disk there. The
         # newest child has the virtual size until the rename below; if XO's cleanup already
         # deleted it, XO had given the parent its metadata.
-        size = _leaf_size(remote, leaf_path) or parent.size
+        size = virtual_size_or_none(remote_disk_opener(remote), leaf_path) or parent.size
         parent.grow(size)
         footer = parent.footer.replace(
             uuid=uuidlib.UUID(state["child"]["uuid"]), timestamp=vhd_timestamp(time.time())

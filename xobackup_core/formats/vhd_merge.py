@@ -334,15 +334,17 @@ def _bitmap_size(disk: VhdDisk) -> int:
     return disk.header.bitmap_size if disk.header is not None else 0
 
 
-def _leaf_size(remote: Remote, path: str) -> int | None:
+def virtual_size_or_none(open_disk: Callable[[str], VhdDisk], path: str) -> int | None:
+    """The virtual size of the disk ``open_disk(path)`` opens, or None when it is gone or
+    unreadable (finishing a merge: Xen Orchestra's cleanup may already have removed it)."""
     try:
-        [leaf] = _open_children(remote, [path])
+        disk = open_disk(path)
     except (FormatError, RemoteError):
         return None
     try:
-        return leaf.size
+        return disk.size
     finally:
-        leaf.close()
+        disk.close()
 
 
 def _cleanup(
@@ -355,7 +357,10 @@ def _cleanup(
             # Not the state's ``diskSize``: Xen Orchestra records the size on disk there. The
             # newest child has the virtual size until the rename below; if XO's cleanup
             # already deleted it, XO had given the parent its metadata.
-            size = _leaf_size(remote, leaf_path) or parent.size
+            leaf_size = virtual_size_or_none(
+                lambda p: VhdFile.open(RemoteSource(remote, p)), leaf_path
+            )
+            size = leaf_size or parent.size
             footer = parent.footer.replace(
                 uuid=uuidlib.UUID(state["child"]["uuid"]),
                 timestamp=vhd_timestamp(time.time()),
