@@ -118,6 +118,24 @@ class Xapi:
                 return self.x.VBD.get_VDI(vbd)
         raise RuntimeError("the VM has no disk")
 
+    def create_vdi(self, sr: str, size: int, name: str) -> str:
+        """A new empty VDI on ``sr`` (ref), for curl to upload into."""
+        return self.x.VDI.create(
+            {
+                "name_label": name,
+                "name_description": "",
+                "SR": sr,
+                "virtual_size": str(size),
+                "type": "user",
+                "sharable": False,
+                "read_only": False,
+                "other_config": {},
+                "sm_config": {},
+                "xenstore_data": {},
+                "tags": [],
+            }
+        )
+
     def export_url(self, path: str, **query: str) -> str:
         params = "&".join(f"{k}={v}" for k, v in query.items())
         return f"{self.url}{path}?session_id={self.session._session}&{params}"

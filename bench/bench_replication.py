@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_engine import Xapi
+from bench_engine import write_config as engine_config
 from common import GIB, MIB, ChildRun, print_result, result, run_command
 from common import run_python as run_in_child
 
@@ -80,19 +81,14 @@ def run_job(config_path: str, job: str) -> dict[str, Any]:
 
 
 def write_config(folder: Path, sim: Any, sr_uuid: str, vm_uuid: str) -> Path:
-    (folder / "pw").write_text(sim.password)
-    servers = "".join(
-        f'[servers.pool{i}]\nurl = "{pool.url}"\npassword = {{ file = "{folder}/pw" }}\n'
-        for i, pool in enumerate(sim.pools)
-    )
-    path = folder / "config.toml"
-    path.write_text(
-        f'log_db = "{folder}/logs.sqlite"\n{servers}'
+    """bench_engine's config (servers, an unused local remote) with the CR job."""
+    return engine_config(
+        folder,
+        sim,
         f'[jobs.cr]\nmode = "delta"\nsrs = ["{sr_uuid}"]\nvms = ["{vm_uuid}"]\n'
         # every job snapshot stays, so that curl can replay each timed delta afterwards
-        f"settings = {{ copyRetention = 3, snapshotRetention = {ROUNDS + 2} }}\n"
+        f"settings = {{ copyRetention = 3, snapshotRetention = {ROUNDS + 2} }}\n",
     )
-    return path
 
 
 def _ours(config: Path) -> tuple[ChildRun, dict[str, Any]]:
@@ -148,21 +144,7 @@ def bench_cr(curl: str, size: int, folder: Path) -> list[dict[str, Any]]:
         ]
         # Between two timed runs curl writes into a VDI of the same size on the same SR: a
         # write into the replica's own VDI would make the next run see a changed replica.
-        scratch = target.x.VDI.create(
-            {
-                "name_label": "bench reference",
-                "name_description": "",
-                "SR": sr,
-                "virtual_size": str(size),
-                "type": "user",
-                "sharable": False,
-                "read_only": False,
-                "other_config": {},
-                "sm_config": {},
-                "xenstore_data": {},
-                "tags": [],
-            }
-        )
+        scratch = target.create_vdi(sr, size, "bench reference")
 
         def reference(into: str, base: str, snapshot: str) -> ChildRun:
             export_url = source.export_url(

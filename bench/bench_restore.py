@@ -149,18 +149,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             xapi.destroy_snapshot(snapshot)
 
             def reference() -> ChildRun:
-                vdi = xapi.x.VDI.create(
-                    {
-                        "name_label": "bench upload",
-                        "name_description": "",
-                        "SR": sr,
-                        "virtual_size": str(size),
-                        "type": "user",
-                        "sharable": False,
-                        "read_only": False,
-                        "other_config": {},
-                    }
-                )
+                vdi = xapi.create_vdi(sr, size, "bench upload")
                 url = xapi.export_url("/import_raw_vdi", vdi=vdi, format="vhd")
                 try:
                     # no "Expect: 100-continue" wait: the body goes at once, as ours does

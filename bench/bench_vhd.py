@@ -36,6 +36,7 @@ from common import (
     result,
     run_command,
     run_python,
+    then_sync,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -274,7 +275,7 @@ def bench_merge(work: Path, base_size: int, big_base: int, delta_size: int, runs
         # The merge makes its writes durable (fsync) before it renames anything, so the
         # reference does too: cp, then sync of the copy alone.
         subprocess.run(["sync"], check=True)
-        return run_command(["sh", "-c", f"cp '{changed}' '{copy_target}' && sync '{copy_target}'"])
+        return then_sync(lambda: run_command(["cp", changed, copy_target]), copy_target)
 
     reference = best_of(runs, copy)
     entries = [
