@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
@@ -63,6 +64,8 @@ ProgressCallback = Callable[[float], None]
 """Receives a task's progress, 0.0 to 1.0."""
 
 QUIESCE_FALLBACK_KEY = "xo:quiesce-fallback"
+NETWORK_RECORD_TTL = 300.0
+"""Seconds a network record read by this driver is reused in backup metadata."""
 """``other_config`` key on a snapshot taken plain because quiescing was refused."""
 
 QUIESCE_UNAVAILABLE = (
@@ -211,9 +214,16 @@ class XapiDriver(HypervisorDriver):
         """ref -> uuid, the other way round of ``_refs``."""
         self._sr_identity: dict[str, dict[str, Any]] = {}
         """SR ref -> the fields of its record that never change (uuid, content_type)."""
-        self._taken: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-        """Snapshots this driver took: VM ref -> (its device fields, VBD records). A
-        snapshot's devices never change, so its delta metadata needs no second read."""
+        self._taken: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+        """Snapshots this driver took: VM ref -> (its device fields, VBD records, VDI
+        records). A snapshot's devices never change, so its delta metadata needs no second
+        read (the disks' ``other_config`` is the one in ``_own_maps``)."""
+        self._vdi_srs: dict[str, str] = {}
+        """VDI ref -> its SR's ref: fixed for a VDI's life (moving a disk makes a new VDI)."""
+        self._networks: dict[str, tuple[float, dict[str, Any]]] = {}
+        """network ref -> (when read, its record with the ``VLAN`` of its first PIF): a
+        backup's metadata names the VM's networks, which rarely change, so a record read
+        less than NETWORK_RECORD_TTL seconds ago is reused."""
         self._own_maps: dict[tuple[str, str], dict[str, str]] = {}
         """``other_config`` of those snapshots and of their disks, as this driver last wrote
         it: the backup keys are then written in one call instead of one per key."""
@@ -282,6 +292,7 @@ class XapiDriver(HypervisorDriver):
                 live = {ref for _cls, _uuid, ref in refs}
                 self._refs.clear()
                 self._uuids.clear()
+                self._vdi_srs.clear()
                 for memo in (self._taken, self._own_maps):
                     for key in [k for k in memo if (k if isinstance(k, str) else k[1]) not in live]:
                         del memo[key]
@@ -291,7 +302,14 @@ class XapiDriver(HypervisorDriver):
 
     def _new_generation(self, generation: int) -> None:
         """Forget every ref (XAPI renumbers them when it restarts); call with the lock."""
-        for memo in (self._refs, self._sr_endpoints, self._uuids, self._sr_identity):
+        for memo in (
+            self._refs,
+            self._sr_endpoints,
+            self._uuids,
+            self._sr_identity,
+            self._vdi_srs,
+            self._networks,
+        ):
             memo.clear()
         self._taken.clear()
         self._own_maps.clear()
@@ -313,6 +331,8 @@ class XapiDriver(HypervisorDriver):
                     self._refs.pop((cls, uuid), None)
                 self._taken.pop(ref, None)
                 self._own_maps.pop((cls, ref), None)
+                if cls == "VDI":
+                    self._vdi_srs.pop(ref, None)
 
     # -- inventory ------------------------------------------------------------------------------
     def inventory(self) -> Inventory:
@@ -376,6 +396,16 @@ class XapiDriver(HypervisorDriver):
             + [("VDI", r["uuid"], ref) for ref, r in tables["VDI"].items()],
             everything=True,
         )
+        read_at = time.monotonic()
+        with self._cache_lock:
+            if generation == self._refs_generation:
+                for ref, record in tables["VDI"].items():
+                    if not is_null(record.get("SR")):
+                        self._vdi_srs[ref] = record["SR"]
+                for ref, record in tables["network"].items():
+                    first_pif = pifs.get(next(iter(record.get("PIFs") or []), ""), {})
+                    network = {**record, "VLAN": _int(first_pif.get("VLAN"), -1)}
+                    self._networks[ref] = (read_at, network)
         return Inventory(pools=(pool,), vms=tuple(vms))
 
     @staticmethod
@@ -505,7 +535,8 @@ class XapiDriver(HypervisorDriver):
             with self._cache_lock:
                 if generation == self._refs_generation:
                     devices = {k: record.get(k) for k in ("VBDs", "VIFs", "suspend_VDI")}
-                    self._taken[ref] = (devices, vbds)
+                    full = {vdi: r for vdi, r in vdis.items() if "SR" in r}
+                    self._taken[ref] = (devices, vbds, full)
                     self._own_maps[("VM", ref)] = dict(record.get("other_config") or {})
                     for vdi, vdi_record in vdis.items():
                         if "SR" in vdi_record:
@@ -521,6 +552,9 @@ class XapiDriver(HypervisorDriver):
                 return
             raise
         sr = vdi.get("SR")
+        if not is_null(sr):
+            with self._cache_lock:
+                self._vdi_srs[ref] = sr
         if sr not in srs and not is_null(sr):
             with self._cache_lock:
                 known = self._sr_identity.get(sr)
@@ -547,7 +581,9 @@ class XapiDriver(HypervisorDriver):
         ref = self._ref("VM", vm_uuid)
         with self._cache_lock:
             taken = self._taken.pop(ref, None)  # read once: the metadata of its backup
-        record, known_vbds = taken if taken else (self.call("VM.get_record", ref), {})
+        record, known_vbds, known_vdis = (
+            taken if taken else (self.call("VM.get_record", ref), {}, {})
+        )
         out: dict[str, dict[str, dict[str, Any]]] = {
             "vbds": {},
             "vdis": {},
@@ -558,20 +594,45 @@ class XapiDriver(HypervisorDriver):
             vbd = known_vbds.get(vbd_ref) or self.call("VBD.get_record", vbd_ref)
             out["vbds"][vbd_ref] = vbd
             if not is_null(vbd.get("VDI")):
-                out["vdis"][vbd["VDI"]] = _coerce("VDI", self.call("VDI.get_record", vbd["VDI"]))
+                out["vdis"][vbd["VDI"]] = self._vdi_for_metadata(vbd["VDI"], known_vdis)
         if not is_null(record.get("suspend_VDI")):
-            out["vdis"][record["suspend_VDI"]] = _coerce(
-                "VDI", self.call("VDI.get_record", record["suspend_VDI"])
+            out["vdis"][record["suspend_VDI"]] = self._vdi_for_metadata(
+                record["suspend_VDI"], known_vdis
             )
         for vif_ref in record.get("VIFs") or []:
             vif = out["vifs"][vif_ref] = self.call("VIF.get_record", vif_ref)
             if not is_null(vif.get("network")) and vif["network"] not in out["networks"]:
-                network = self.call("network.get_record", vif["network"])
-                pifs = network.get("PIFs") or []
-                # XAPI keeps the VLAN tag on the PIFs; restores match networks by name and VLAN
-                network["VLAN"] = _int(self.call("PIF.get_VLAN", pifs[0]), -1) if pifs else -1
-                out["networks"][vif["network"]] = network
+                out["networks"][vif["network"]] = self._network_record(vif["network"])
         return out
+
+    def _vdi_for_metadata(self, ref: str, known: Mapping[str, Any]) -> dict[str, Any]:
+        """A disk's record for backup metadata: the one read when this driver took the
+        snapshot, with the ``other_config`` it has written since, else read now."""
+        record = known.get(ref)
+        if record is None:
+            return _coerce("VDI", self.call("VDI.get_record", ref))
+        with self._cache_lock:
+            other = self._own_maps.get(("VDI", ref))
+        if other is not None:
+            record = {**record, "other_config": dict(other)}
+        return _coerce("VDI", dict(record))
+
+    def _network_record(self, ref: str) -> dict[str, Any]:
+        """A network's record with the ``VLAN`` of its first PIF (restores match networks by
+        name and VLAN, and XAPI keeps the tag on the PIFs), reused for a few minutes."""
+        generation = self.session.generation
+        now = time.monotonic()
+        with self._cache_lock:
+            cached = self._networks.get(ref) if generation == self._refs_generation else None
+        if cached is not None and now - cached[0] < NETWORK_RECORD_TTL:
+            return dict(cached[1])
+        network = self.call("network.get_record", ref)
+        pifs = network.get("PIFs") or []
+        network["VLAN"] = _int(self.call("PIF.get_VLAN", pifs[0]), -1) if pifs else -1
+        with self._cache_lock:
+            if generation == self._refs_generation:
+                self._networks[ref] = (now, network)
+        return dict(network)
 
     def vdi_record(self, vdi_uuid: str) -> dict[str, Any]:
         """A VDI's full record (for backup metadata)."""
@@ -750,7 +811,10 @@ class XapiDriver(HypervisorDriver):
         return self.session.endpoint.with_address(self.call("host.get_address", hosts[0]))
 
     def _endpoint_for_vdi(self, vdi: str) -> Endpoint:
-        return self._endpoint_for_sr(self.call("VDI.get_SR", vdi))
+        generation = self.session.generation
+        with self._cache_lock:
+            sr = self._vdi_srs.get(vdi) if generation == self._refs_generation else None
+        return self._endpoint_for_sr(sr if sr is not None else self.call("VDI.get_SR", vdi))
 
     # -- imports --------------------------------------------------------------------------------
     def import_vm(

@@ -13,13 +13,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import random
 import threading
 from pathlib import Path
+
+from Crypto.Cipher import AES
 
 BLOCK_SIZE = 2 * 1024 * 1024
 """The VHD block size: the unit of allocation, snapshots and deltas."""
 ZERO_BLOCK = bytes(BLOCK_SIZE)
+_HALF_OF_ZEROS = memoryview(ZERO_BLOCK)[: BLOCK_SIZE // 2]
 
 
 def derive_seed(*parts: object) -> int:
@@ -30,8 +32,14 @@ def derive_seed(*parts: object) -> int:
 
 @functools.lru_cache(maxsize=8)
 def generated_block(seed: int) -> bytes:
-    """The content of a generated block: half random, half text, so codecs have work to do."""
-    random_half = random.Random(seed).randbytes(BLOCK_SIZE // 2)
+    """The content of a generated block: half random, half text, so codecs have work to do.
+
+    The random half is an AES-CTR keystream keyed by the seed: as unpredictable for a
+    compressor as a Mersenne Twister's output, and ten times cheaper to make (the simulator
+    shares the CPU with the backup it serves).
+    """
+    cipher = AES.new(seed.to_bytes(16, "big"), AES.MODE_CTR, nonce=b"")
+    random_half = cipher.encrypt(_HALF_OF_ZEROS)
     line = f"xobackup simulated guest data, block seed {seed:016x}\n".encode()
     text_half = (line * (BLOCK_SIZE // 2 // len(line) + 1))[: BLOCK_SIZE // 2]
     return random_half + text_half
