@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, BinaryIO, Literal
 
 from xobackup_core.errors import HypervisorError
@@ -117,10 +118,24 @@ class Inventory:
     """VMs, snapshots and checkpoints (templates and control domains excluded)."""
 
     def vm(self, uuid: str) -> Vm:
+        """The VM, snapshot or checkpoint with this UUID (KeyError if absent)."""
+        return self._by_uuid[uuid]
+
+    def snapshots_of(self, vm_uuid: str) -> tuple[Vm, ...]:
+        """The snapshots and checkpoints of a VM (an index: a 1,000-VM job asks per VM)."""
+        return self._snapshots.get(vm_uuid, ())
+
+    @cached_property
+    def _by_uuid(self) -> dict[str, Vm]:
+        return {vm.uuid: vm for vm in self.vms}
+
+    @cached_property
+    def _snapshots(self) -> dict[str, tuple[Vm, ...]]:
+        index: dict[str, list[Vm]] = {}
         for vm in self.vms:
-            if vm.uuid == uuid:
-                return vm
-        raise KeyError(uuid)
+            if vm.is_snapshot and vm.snapshot_of:
+                index.setdefault(vm.snapshot_of, []).append(vm)
+        return {uuid: tuple(found) for uuid, found in index.items()}
 
 
 class HypervisorDriver(ABC):

@@ -465,10 +465,8 @@ class _VmBackup:
         """This job's snapshots of the VM, oldest first (by ``xo:backup:datetime``)."""
         found = [
             vm
-            for vm in self.inventory.vms
-            if vm.is_snapshot
-            and vm.snapshot_of == self.vm.uuid
-            and vm.other_config.get("xo:backup:job") == self.job_id
+            for vm in self.inventory.snapshots_of(self.vm.uuid)
+            if vm.other_config.get("xo:backup:job") == self.job_id
         ]
         return sorted(found, key=lambda s: (s.other_config.get("xo:backup:datetime", ""), s.uuid))
 

@@ -609,9 +609,10 @@ class XapiSession:
                     if _dropped(conn):
                         conn.close()
                         continue
-                    conn.timeout = timeout
-                    if conn.sock is not None:
-                        conn.sock.settimeout(timeout)
+                    if conn.timeout != timeout:  # a system call: only when it changes
+                        conn.timeout = timeout
+                        if conn.sock is not None:
+                            conn.sock.settimeout(timeout)
                     return conn, True
         return self.tls.connection(endpoint, timeout), False
 
