@@ -30,6 +30,11 @@ def derive_seed(*parts: object) -> int:
     return (int.from_bytes(digest, "big") >> 2) or 1
 
 
+_TEXT_LINE = b"xobackup simulated guest data: half of each generated block is text\n"
+_TEXT_HALF = (_TEXT_LINE * (BLOCK_SIZE // 2 // len(_TEXT_LINE) + 1))[: BLOCK_SIZE // 2]
+"""The text half of every generated block (the random half makes each block unique)."""
+
+
 @functools.lru_cache(maxsize=8)
 def generated_block(seed: int) -> bytes:
     """The content of a generated block: half random, half text, so codecs have work to do.
@@ -39,10 +44,7 @@ def generated_block(seed: int) -> bytes:
     shares the CPU with the backup it serves).
     """
     cipher = AES.new(seed.to_bytes(16, "big"), AES.MODE_CTR, nonce=b"")
-    random_half = cipher.encrypt(_HALF_OF_ZEROS)
-    line = f"xobackup simulated guest data, block seed {seed:016x}\n".encode()
-    text_half = (line * (BLOCK_SIZE // 2 // len(line) + 1))[: BLOCK_SIZE // 2]
-    return random_half + text_half
+    return cipher.encrypt(_HALF_OF_ZEROS) + _TEXT_HALF
 
 
 class BlobStore:
