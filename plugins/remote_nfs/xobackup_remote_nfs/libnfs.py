@@ -5,11 +5,13 @@ file objects ignore write errors, it has no rename, and it holds the GIL during 
 ctypes needs no compiler, releases the GIL while libnfs waits on the network (so several
 contexts run in parallel), and passes our buffers to libnfs without copying them.
 
-Only the synchronous API is used: one call, one RPC of up to the server's maximum size, which
-matched nfs-cp and nfs-cat (libnfs's own split of bigger calls into parallel RPCs measured
-slower). The prototypes are those of libnfs 4.x and 5.x (``libnfs.so.13``/``.so.14``); libnfs 6
-changed the argument order of ``nfs_pread``/``nfs_pwrite``, so other versions are refused
-rather than called with the wrong layout. A context is not thread-safe: callers serialise.
+The synchronous API serves everything but streamed writes: one call, one RPC of up to the
+server's maximum size. Streamed writes use the asynchronous ``nfs_pwrite_async`` and drive
+libnfs's event loop here (:meth:`Context.start_pwrite`, :meth:`Context.service`), so that a few
+WRITEs are in flight: the server stores one while the next travels. The prototypes are those
+of libnfs 4.x and 5.x (``libnfs.so.13``/``.so.14``); libnfs 6 changed the argument order of
+``nfs_pread``/``nfs_pwrite``, so other versions are refused rather than called with the wrong
+layout. A context is not thread-safe: callers serialise.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import os
+import select
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _SONAMES = ("libnfs.so.13", "libnfs.so.14")
@@ -81,6 +87,14 @@ class _DirEntry(ctypes.Structure):
     pass
 
 
+_NfsCallback = ctypes.CFUNCTYPE(None, _c_int, _c_void_p, _c_void_p, _c_void_p)
+"""``void (*nfs_cb)(int status, struct nfs_context *, void *data, void *private_data)``."""
+
+SERVICE_POLL = 0.1
+"""Seconds between two runs of libnfs's timeout scan while waiting (its own sync calls use the
+same period), so a silent server fails after the context's timeout instead of hanging."""
+
+
 _DirEntry._fields_ = [("next", ctypes.POINTER(_DirEntry)), ("name", _c_char_p)]
 
 
@@ -129,6 +143,14 @@ def _library() -> ctypes.CDLL:
                 [_c_void_p, _c_char_p, _c_int, _c_int, ctypes.POINTER(_c_void_p)],
             ),
             ("nfs_pwrite", _c_int, [_c_void_p, _c_void_p, _c_uint64, _c_uint64, _c_void_p]),
+            (
+                "nfs_pwrite_async",
+                _c_int,
+                [_c_void_p, _c_void_p, _c_uint64, _c_uint64, _c_void_p, _NfsCallback, _c_void_p],
+            ),
+            ("nfs_get_fd", _c_int, [_c_void_p]),
+            ("nfs_which_events", _c_int, [_c_void_p]),
+            ("nfs_service", _c_int, [_c_void_p, _c_int]),
             ("nfs_pread", _c_int, [_c_void_p, _c_void_p, _c_uint64, _c_uint64, _c_void_p]),
             ("nfs_fsync", _c_int, [_c_void_p, _c_void_p]),
             ("nfs_ftruncate", _c_int, [_c_void_p, _c_void_p, _c_uint64]),
@@ -205,6 +227,10 @@ class Context:
         reconnect_attempts: int = 2,
     ) -> None:
         self._lib = _library()
+        # Writes started with start_pwrite, by key (libnfs hands the key back as private data).
+        self._writes: dict[int, Callable[[int], None]] = {}
+        self._keys = itertools.count(1)
+        self._write_done = _NfsCallback(self._on_write_done)
         self._ctx = self._lib.nfs_init_context()
         if not self._ctx:
             raise OSError(errno.ENOMEM, "cannot create an NFS context")
@@ -286,6 +312,74 @@ class Context:
             if written == 0:
                 raise OSError(errno.EIO, "write: the server accepted no data")
             done += written
+
+    def start_pwrite(
+        self,
+        handle: Handle,
+        offset: int,
+        buffer: bytearray | memoryview,
+        done: Callable[[int], None],
+    ) -> None:
+        """Queue one WRITE of ``buffer`` (writable, contiguous) at ``offset`` and return.
+
+        libnfs may read ``buffer`` until ``done(status)`` is called from :meth:`service`
+        (libnfs 5 sends from it directly, and both versions resend from it after a short
+        write), so it must stay alive and unchanged until then. ``status`` is the number of
+        bytes written, or ``-errno``; turn a failure into an exception with
+        :meth:`write_error`. ``done`` must not call into this context.
+        """
+        view = memoryview(buffer).cast("B")
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        key = next(self._keys)
+        self._writes[key] = done
+        result = self._lib.nfs_pwrite_async(
+            self._ctx, handle.pointer, offset, len(view), address, self._write_done, key
+        )
+        if result != 0:
+            del self._writes[key]
+            raise OSError(errno.ENOMEM, f"write: {self.error_message() or 'cannot queue'}")
+
+    def _on_write_done(self, status: int, _nfs: object, _data: object, key: int | None) -> None:
+        done = self._writes.pop(key or 0, None)
+        if done is not None:
+            done(status)
+
+    @property
+    def writes_in_flight(self) -> int:
+        """Writes started with :meth:`start_pwrite` whose ``done`` has not been called."""
+        return len(self._writes)
+
+    def service(self, until: Callable[[], bool]) -> None:
+        """Run libnfs's event loop (send, receive, callbacks, timeouts) until ``until()``.
+
+        Raises ``OSError(EIO)`` when the connection is lost for good; the context must then
+        be destroyed, not reused.
+        """
+        while not until():
+            fd = self._lib.nfs_get_fd(self._ctx)
+            revents = 0
+            if fd >= 0:
+                poller = select.poll()
+                poller.register(fd, self._lib.nfs_which_events(self._ctx))
+                ready = poller.poll(SERVICE_POLL * 1000)
+                revents = ready[0][1] if ready else 0
+            else:  # reconnecting: only the timeout scan has work
+                time.sleep(SERVICE_POLL)
+            if self._lib.nfs_service(self._ctx, revents) < 0:
+                message = self.error_message() or "connection lost"
+                raise OSError(errno.EIO, f"write: {message}")
+
+    def sending(self) -> bool:
+        """True while queued requests are not all handed to the socket yet."""
+        return bool(self._lib.nfs_which_events(self._ctx) & select.POLLOUT)
+
+    def write_error(self, status: int, wanted: int) -> OSError:
+        """The error for a write that ended with ``status`` (see :meth:`start_pwrite`)."""
+        if status == -errno.EFAULT:
+            return self._write_failure(wanted)
+        if status < 0:
+            return OSError(-status, f"write: {self.error_message() or os.strerror(-status)}")
+        return OSError(errno.EIO, f"write: the server took {status} of {wanted} bytes")
 
     def _write_failure(self, wanted: int) -> OSError:
         """libnfs 4/5 report any failed WRITE RPC as EFAULT and lose the server's status
@@ -375,8 +469,13 @@ class Context:
         """Unmount and free the context (idempotent; errors are irrelevant at this point)."""
         if self._ctx:
             ctx, self._ctx = self._ctx, None
-            self._lib.nfs_umount(ctx)
+            # UMNT is a courtesy to the server, and its wait would send queued WRITEs whose
+            # buffers may be gone: skipped while any is pending.
+            if not self._writes:
+                self._lib.nfs_umount(ctx)
+            # Cancels what is still queued: the callbacks run now, while _write_done lives.
             self._lib.nfs_destroy_context(ctx)
+            self._writes.clear()
 
 
 def _to_stat(info: _Stat64) -> Stat:

@@ -156,6 +156,78 @@ def test_writable_buffers_are_written_without_a_copy_and_correctly(nfs_server):
         assert remote.read_bytes("/f") == data
 
 
+def test_large_caller_buffers_are_lent_then_reused_safely(nfs_server, monkeypatch):
+    """Several WRITEs are in flight, some reading the caller's buffer: none of those is left
+    when write() returns, and refilling the buffer then does not change the file."""
+    import ctypes
+
+    from xobackup_remote_nfs import libnfs
+    from xobackup_remote_nfs import remote as nfs_remote
+
+    started = []  # [address, in flight] of every WRITE
+    start = libnfs.Context.start_pwrite
+
+    def recording_start(context, handle, offset, buffer, done):
+        record = [ctypes.addressof(ctypes.c_char.from_buffer(buffer)), True]
+        started.append((context.writes_in_flight + 1, record))
+
+        def ended(status):
+            record[1] = False
+            done(status)
+
+        start(context, handle, offset, buffer, ended)
+
+    monkeypatch.setattr(libnfs.Context, "start_pwrite", recording_start)
+    size = (nfs_remote.WRITES_IN_FLIGHT + 4) * MiB + 11
+    data = pattern(3 * size + 5, seed=12)
+    with nfs_server.joined(), _remote(nfs_server, "lent") as remote:
+        buffer = bytearray(size)
+        low = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        with remote.open_write("/f") as writer:
+            for offset in range(0, len(data), size):
+                piece = data[offset : offset + size]
+                buffer[: len(piece)] = piece
+                writer.write(memoryview(buffer)[: len(piece)])
+                lent = [r for _, r in started if low <= r[0] < low + size]
+                assert lent and not any(in_flight for _, in_flight in lent)
+                buffer[:] = bytes(size)
+        assert remote.read_bytes("/f") == data
+    assert 2 <= max(depth for depth, _ in started) <= nfs_remote.WRITES_IN_FLIGHT
+
+
+def test_a_server_that_stops_answering_fails_a_stream(nfs_server):
+    """WRITEs in flight to a frozen server (SIGSTOP) end in an error after the timeout, and the
+    file is never published."""
+    with nfs_server.joined():
+        remote = _remote(nfs_server, "frozen-write", timeout=2, retries=0)
+        writer = remote.open_write("/disk.vhd")
+        writer.write(pattern(8 * MiB))
+        outcome: list[BaseException] = []
+
+        def stream() -> None:
+            try:
+                for _ in range(256):
+                    writer.write(pattern(MiB))
+            except BaseException as error:
+                outcome.append(error)
+
+        os.kill(nfs_server._ganesha.pid, signal.SIGSTOP)
+        try:
+            thread = threading.Thread(target=stream)
+            thread.start()
+            thread.join(30)
+            assert not thread.is_alive(), "the write hung past its timeout"
+        finally:
+            os.kill(nfs_server._ganesha.pid, signal.SIGCONT)
+        assert outcome and isinstance(outcome[0], RemoteError) and outcome[0].transient
+        assert "/disk.vhd" in str(outcome[0])
+        writer.abort()
+        assert remote.list("/") == []
+        remote.write_bytes("/disk.vhd", b"next")
+        assert remote.read_bytes("/disk.vhd") == b"next"
+        remote.close()
+
+
 def test_large_files_are_committed_behind_the_writes(nfs_server, monkeypatch):
     from xobackup_remote_nfs import libnfs
     from xobackup_remote_nfs import remote as nfs_remote
