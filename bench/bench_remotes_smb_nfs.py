@@ -6,7 +6,8 @@
 * NFS, write 1 GiB: ``Remote.open_write`` on an ``nfs://`` remote (userspace NFSv3 through
   libnfs, COMMIT, RENAME) vs ``nfs-cp`` from libnfs-utils to the same nfs-ganesha export,
   then ``sync`` of the file it wrote: target rate >= 0.8x nfs-cp's. Both run inside the
-  server's private network namespace.
+  server's private network namespace; each file is removed through the server afterwards, so
+  every run starts from the same server state.
 * peak RSS of ours while writing (each side runs in its own child process).
 
 Input: a random data file read in 8 MiB chunks from the page cache. Quick mode uses 64 MiB.
@@ -167,9 +168,26 @@ def _nfs_results(size: int, source: Path, runs: int) -> list[dict[str, Any]]:
         target_dir = server.export_dir / "bench"
         target_dir.mkdir()
 
-        # Files are removed behind ganesha's back, and its metadata cache would still see
-        # them: every run writes a new name so that no run trips over a previous one.
+        # Every run writes a new name, and its file is then removed through the server
+        # (NFS REMOVE). Removed behind ganesha's back, a file stays open in ganesha and its
+        # 1 GiB stays in the page cache: each later run then writes into memory the kernel
+        # has to find afresh, which measured 2-3x slower on this VM (ganesha's CPU time per
+        # GiB went from 0.6 to 3-4 s), so the first run (always the reference's) was the
+        # only fast one.
         counter = iter(range(1_000_000))
+
+        def remove(name: str) -> None:
+            from xobackup_core.plugins import Plugins
+
+            try:
+                with server.joined():
+                    remote = Plugins(autoload=False, only=["remote_nfs"]).remote(
+                        server.url("bench"), {"name": "bench-cleanup"}
+                    )
+                    with remote:
+                        remote.delete(name, missing_ok=True)
+            finally:
+                (target_dir / name).unlink(missing_ok=True)
 
         def ours() -> ChildRun:
             name = f"ours-{next(counter)}.bin"
@@ -184,7 +202,7 @@ def _nfs_results(size: int, source: Path, runs: int) -> list[dict[str, Any]]:
                 seconds, cpu_s = child.value
                 return ChildRun(seconds, child.peak_rss_mib, cpu_s=cpu_s)
             finally:
-                (target_dir / name).unlink(missing_ok=True)
+                remove(name)
 
         def reference() -> ChildRun:
             name = f"nfs-cp-{next(counter)}.bin"
@@ -198,7 +216,7 @@ def _nfs_results(size: int, source: Path, runs: int) -> list[dict[str, Any]]:
                     target_dir / name,
                 )
             finally:
-                (target_dir / name).unlink(missing_ok=True)
+                remove(name)
 
         mine, theirs = compare(runs, ours, reference)
         return [
