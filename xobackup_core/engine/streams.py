@@ -18,7 +18,11 @@ from typing import Any, BinaryIO
 
 from xobackup_core.errors import XobackupError
 
-CHUNK_SIZE = 4 * 1024 * 1024
+CHUNK_SIZE = 1024 * 1024
+"""Bytes per read of an export stream. Small enough for a chunk to still be in the CPU's
+cache when it is written out: with 4 MiB chunks, writing a 4 GiB export to a local folder
+cost the kernel twice the CPU (10 s against 4 s on a test VM, curl's buffer doing as well as
+1 MiB chunks)."""
 
 
 class RateLimiter:

@@ -27,9 +27,28 @@ from xobackup_core.remote import (
 )
 
 _WRITE_BUFFER = 8 * 1024 * 1024
-"""Small writes are gathered into 8 MiB writes: large enough to reach the disk's speed."""
+"""Small writes are gathered into 8 MiB: large enough to reach the disk's speed."""
 _DIRECT_WRITE = 1024 * 1024
 """Writes of at least this size bypass the buffer."""
+_WRITE_SLICE = 1024 * 1024
+"""The most one system call writes. Some kernels copy larger writes into the page cache far
+more slowly: on a test VM, 4 MiB writes took 8 times the CPU of the same data in 1 MiB
+writes, while 64 KiB to 1 MiB writes all cost the same."""
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` at the file's position, at most :data:`_WRITE_SLICE` per call."""
+    while data:
+        written = os.write(fd, data[:_WRITE_SLICE])
+        data = data[written:]
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``, at most :data:`_WRITE_SLICE` per call."""
+    while data:
+        written = os.pwrite(fd, data[:_WRITE_SLICE], offset)
+        data = data[written:]
+        offset += written
 
 
 def _fsync_dir(path: str) -> None:
@@ -57,11 +76,7 @@ class _LocalWriter(RemoteWriter):
 
     def _flush_buffer(self) -> None:
         with memoryview(self._buffer) as whole:
-            view = whole
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            del view
+            _write_all(self._fd, whole)
         self._buffer.clear()
 
     def _write(self, data: memoryview) -> None:
@@ -71,9 +86,7 @@ class _LocalWriter(RemoteWriter):
                 # would cost as much as the write itself.
                 if self._buffer:
                     self._flush_buffer()
-                while data:
-                    written = os.write(self._fd, data)
-                    data = data[written:]
+                _write_all(self._fd, data)
                 return
             self._buffer += data
             if len(self._buffer) >= _WRITE_BUFFER:
@@ -151,11 +164,7 @@ class _LocalFile(RemoteFile):
         return self._call("read", os.pread, self._fd, length, offset)
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            written = self._call("write", os.pwrite, self._fd, view, offset)
-            view = view[written:]
-            offset += written
+        self._call("write", _pwrite_all, self._fd, memoryview(data), offset)
 
     def size(self) -> int:
         return self._call("stat", os.fstat, self._fd).st_size
