@@ -64,9 +64,9 @@ ProgressCallback = Callable[[float], None]
 """Receives a task's progress, 0.0 to 1.0."""
 
 QUIESCE_FALLBACK_KEY = "xo:quiesce-fallback"
+"""``other_config`` key on a snapshot taken plain because quiescing was refused."""
 NETWORK_RECORD_TTL = 300.0
 """Seconds a network record read by this driver is reused in backup metadata."""
-"""``other_config`` key on a snapshot taken plain because quiescing was refused."""
 
 QUIESCE_UNAVAILABLE = (
     "MESSAGE_REMOVED",
@@ -403,9 +403,8 @@ class XapiDriver(HypervisorDriver):
                     if not is_null(record.get("SR")):
                         self._vdi_srs[ref] = record["SR"]
                 for ref, record in tables["network"].items():
-                    first_pif = pifs.get(next(iter(record.get("PIFs") or []), ""), {})
-                    network = {**record, "VLAN": _int(first_pif.get("VLAN"), -1)}
-                    self._networks[ref] = (read_at, network)
+                    # the same VLAN as the inventory's Network, for restores to match on
+                    self._networks[ref] = (read_at, {**record, "VLAN": vlans.get(ref, -1)})
         return Inventory(pools=(pool,), vms=tuple(vms))
 
     @staticmethod
