@@ -74,6 +74,30 @@ def nfs_server(tmp_path_factory):
         subprocess.run(["umount", str(small)], capture_output=True)
 
 
+def _while_frozen(server, operation) -> list[BaseException]:
+    """Run ``operation`` in a thread while ganesha is stopped (SIGSTOP); what it raised.
+
+    It must end within 30 s, its timeouts being shorter: an operation that hangs on a
+    server that stopped answering fails the test."""
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            operation()
+        except BaseException as error:
+            outcome.append(error)
+
+    os.kill(server._ganesha.pid, signal.SIGSTOP)
+    try:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "the operation hung past its timeout"
+    finally:
+        os.kill(server._ganesha.pid, signal.SIGCONT)
+    return outcome
+
+
 def _remote(server, sub: str = "", export=None, **options):
     from xobackup_remote_nfs import open_nfs_remote
 
@@ -202,23 +226,12 @@ def test_a_server_that_stops_answering_fails_a_stream(nfs_server):
         remote = _remote(nfs_server, "frozen-write", timeout=2, retries=0)
         writer = remote.open_write("/disk.vhd")
         writer.write(pattern(8 * MiB))
-        outcome: list[BaseException] = []
 
         def stream() -> None:
-            try:
-                for _ in range(256):
-                    writer.write(pattern(MiB))
-            except BaseException as error:
-                outcome.append(error)
+            for _ in range(256):
+                writer.write(pattern(MiB))
 
-        os.kill(nfs_server._ganesha.pid, signal.SIGSTOP)
-        try:
-            thread = threading.Thread(target=stream)
-            thread.start()
-            thread.join(30)
-            assert not thread.is_alive(), "the write hung past its timeout"
-        finally:
-            os.kill(nfs_server._ganesha.pid, signal.SIGCONT)
+        outcome = _while_frozen(nfs_server, stream)
         assert outcome and isinstance(outcome[0], RemoteError) and outcome[0].transient
         assert "/disk.vhd" in str(outcome[0])
         writer.abort()
@@ -404,23 +417,7 @@ def test_silent_server_times_out(nfs_server):
     with nfs_server.joined():
         remote = _remote(nfs_server, "frozen", timeout=2, retries=0)
         remote.write_bytes("/a", b"a")
-        pid = nfs_server._ganesha.pid
-        outcome: list[BaseException] = []
-
-        def stat() -> None:
-            try:
-                remote.stat("/a")
-            except BaseException as error:
-                outcome.append(error)
-
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            thread = threading.Thread(target=stat)
-            thread.start()
-            thread.join(30)
-            assert not thread.is_alive(), "the operation hung past its timeout"
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        outcome = _while_frozen(nfs_server, lambda: remote.stat("/a"))
         assert outcome and isinstance(outcome[0], RemoteTimeoutError)
         assert "stat" in str(outcome[0]) and "/a" in str(outcome[0])
         assert remote.read_bytes("/a") == b"a"  # usable again once the server answers
