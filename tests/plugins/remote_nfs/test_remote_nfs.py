@@ -87,15 +87,26 @@ def _while_frozen(server, operation) -> list[BaseException]:
         except BaseException as error:
             outcome.append(error)
 
-    os.kill(server._ganesha.pid, signal.SIGSTOP)
+    pid = server._ganesha.pid
+    os.kill(pid, signal.SIGSTOP)
     try:
+        # kill() only queues the signal: start once the server is really stopped
+        deadline = time.monotonic() + 5
+        while _process_state(pid) not in ("T", "t") and time.monotonic() < deadline:
+            time.sleep(0.01)
         thread = threading.Thread(target=run)
         thread.start()
         thread.join(30)
         assert not thread.is_alive(), "the operation hung past its timeout"
     finally:
-        os.kill(server._ganesha.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
     return outcome
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of a process in /proc (T: stopped by a signal)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
 
 
 def _remote(server, sub: str = "", export=None, **options):
