@@ -244,9 +244,11 @@ def bench_full(
             shutil.rmtree(folder / "remote", ignore_errors=True)
             return run
 
-        # alternated, best of 2 each: how fast this VM gets fresh page-cache pages varies a
-        # lot from one moment to the next, and both sides write 4 GiB
-        ours, reference = compare(2, our_run, lambda: _curl(curl, url, folder / "vm.xva"))
+        # alternated, best of 3 each, each run starting on settled memory: how fast this VM
+        # gets fresh page-cache pages varies a lot, and both sides write 4 GiB
+        ours, reference = compare(
+            3, our_run, lambda: _curl(curl, url, folder / "vm.xva"), settle=True
+        )
         xapi.destroy_snapshot(snapshot)
     entry = result(
         f"full backup, {size // MIB} MiB VM: time",

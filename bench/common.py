@@ -221,15 +221,29 @@ def then_sync(measure: Callable[[], ChildRun], path: str | os.PathLike[str]) -> 
     )
 
 
+SETTLE_S = 4.0
+"""Pause before each timed run of :func:`compare` with ``settle``. This VM hands freed memory
+back to its host about 2 s after it is freed, and a run that writes gigabytes right after the
+previous run deleted its file gets those pages back cheaply: 4 GiB written at once took 1 s of
+kernel time, the same 3 s later 5 s. Without the pause, whichever side runs second after a
+quick start is favoured."""
+
+
 def compare(
-    runs: int, ours: Callable[[], ChildRun], reference: Callable[[], ChildRun]
+    runs: int,
+    ours: Callable[[], ChildRun],
+    reference: Callable[[], ChildRun],
+    settle: bool = False,
 ) -> tuple[ChildRun, ChildRun]:
     """Best of ``runs`` for each side, alternating them so a burst of load elsewhere on the
-    machine hits both rather than one."""
+    machine hits both rather than one; with ``settle``, each run starts :data:`SETTLE_S`
+    after the previous one ended."""
     ours_runs, reference_runs = [], []
     for _ in range(max(runs, 1)):
-        reference_runs.append(reference())
-        ours_runs.append(ours())
+        for side, runs_of_side in ((reference, reference_runs), (ours, ours_runs)):
+            if settle:
+                time.sleep(SETTLE_S)
+            runs_of_side.append(side())
     return _best(ours_runs), _best(reference_runs)
 
 

@@ -39,23 +39,32 @@ def chain_bytes(remote, path):
         return chain.read_at(0, chain.leaf.size)
 
 
-def test_full_backup_writes_xva_checksum_and_metadata(harness):
+def test_full_backup_writes_xva_checksum_and_metadata(harness, tmp_path):
+    """Two remotes: one export and one checksum of it serve both."""
     vm_uuid = next(iter(guest_vms(harness.sim)))
     config = harness.config(
-        {"full": {"mode": "full", "remotes": ["nas"], "vms": [vm_uuid]}},
+        {"full": {"mode": "full", "remotes": ["nas", "second"], "vms": [vm_uuid]}},
+        remotes={
+            "nas": {"url": f"file://{harness.remote_dir}"},
+            "second": {"url": f"file://{tmp_path / 'second'}"},
+        },
         schedules={"daily": {"job": "full", "cron": "0 3 * * *", "exportRetention": 2}},
     )
     outcome = harness.run(config, "full", "daily")
     assert outcome.status == "success", harness.store.get_run(outcome.run_id).to_dict()
+    second = LocalRemote(tmp_path / "second")
+    [second_backup] = BackupRepository(second).list_backups(vm_uuid)
     remote = LocalRemote(harness.remote_dir)
     [backup] = BackupRepository(remote).list_backups(vm_uuid)
     assert backup.mode == "full" and backup.schedule_id == "daily"
     assert backup.job_id == config.job_id("full")
     xva = remote.read_bytes(backup.xva_path)
-    assert backup.size == len(xva)
+    assert backup.size == len(xva) > 4 * MiB  # several chunks of the export
+    assert second.read_bytes(second_backup.xva_path) == xva
     checksum = remote.read_bytes(backup.xva_path + ".checksum").decode()
     algorithm = {"1": "md5", "5": "sha256"}[checksum[1]]  # the faster one on this CPU
     assert checksum == f"${checksum[1]}$$" + hashlib.new(algorithm, xva).hexdigest()
+    assert second.read_bytes(second_backup.xva_path + ".checksum").decode() == checksum
     metadata = json.loads(remote.read_bytes(backup.path))
     assert metadata["version"] == "2.0.0" and metadata["xva"].startswith("./")
     assert metadata["vm"]["uuid"] == vm_uuid

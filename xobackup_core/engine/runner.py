@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from xobackup_core.config import Config, offline_settings_problem
 from xobackup_core.engine.disk_sinks import VhdDirectorySink, VhdFileSink
@@ -39,7 +39,6 @@ from xobackup_core.engine.replication import Replication, SrTarget, open_sr_targ
 from xobackup_core.engine.repository import BackupMetadata, BackupRepository, format_timestamp
 from xobackup_core.engine.retention import entries_to_delete, period_tags
 from xobackup_core.engine.streams import (
-    BackgroundDigest,
     Fanout,
     RateLimiter,
     Target,
@@ -81,7 +80,16 @@ XVA_CHECKSUM_IDS = {"md5": "1", "sha256": "5"}
 verifies whichever of MD5 (1), SHA-256 (5) or SHA-512 (6) the file names."""
 
 
-def xva_checksum(digest: BackgroundDigest) -> str:
+class NamedDigest(Protocol):
+    """A hashlib object or a :class:`~xobackup_core.engine.streams.BackgroundDigest`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def xva_checksum(digest: NamedDigest) -> str:
     """The ``.xva.checksum`` text of a finished XVA's digest."""
     return f"${XVA_CHECKSUM_IDS[digest.name]}$${digest.hexdigest()}"
 
@@ -713,25 +721,17 @@ class _VmBackup:
                     "export", {"type": "remote", "id": target.key, "isFull": True}, parent=self.task
                 )
                 writer = target.remote.open_write(path)
-                digest = BackgroundDigest(xva_checksum_algorithm())
-
-                def write(chunk: bytes | memoryview, w: Any = writer, d: Any = digest) -> None:
-                    w.write(chunk)
-                    d.update(chunk)
-
-                def abort(w: Any = writer, d: Any = digest) -> None:
-                    w.abort()
-                    d.hexdigest()  # ends the digest's thread
-
                 fan_targets.append(
                     Target(
                         target.key,
-                        write,
+                        writer.write,
                         writer.commit,
-                        abort,
-                        data={"target": target, "digest": digest, "path": path},
+                        writer.abort,
+                        data={"target": target, "path": path},
                     )
                 )
+            # every remote gets the same bytes: one checksum of the stream serves them all
+            digest = hashlib.new(xva_checksum_algorithm(), usedforsecurity=False)
 
             def dropped(t: Target) -> None:
                 if "sr" not in t.data:
@@ -746,7 +746,7 @@ class _VmBackup:
 
             try:
                 with self.tracked(stream):
-                    fanout.copy_stream(stream, self.rate, on_chunk=on_chunk)
+                    fanout.copy_stream(stream, self.rate, on_chunk=on_chunk, digest=digest)
             except Exception as error:
                 fanout.abort(error)
                 message = f"export of {self.vm.name} failed: {describe_error(error)}"
@@ -755,6 +755,7 @@ class _VmBackup:
                 raise XobackupError(message) from error
             fanout.finish()
         replicated = self.replication.finish_dr(sr_fan_targets, timestamp_ms, stamp)
+        checksum = xva_checksum(digest)
         for fan_target in fan_targets:
             handle = tasks[fan_target.name]
             if fan_target.error is not None:
@@ -764,7 +765,7 @@ class _VmBackup:
             try:
                 target.remote.write_bytes(
                     fan_target.data["path"] + ".checksum",
-                    xva_checksum(fan_target.data["digest"]).encode(),
+                    checksum.encode(),
                 )
                 metadata = self.base_metadata(timestamp_ms, snapshot)
                 metadata.update({"mode": "full", "xva": f"./{name}", "size": fan_target.written})
