@@ -1,8 +1,8 @@
 """The local-folder remote writing a stream, against ``dd`` writing the same file.
 
-* write 2 GiB: ``Remote.open_write`` on a ``file://`` remote (8 MiB writes, handed to the
-  kernel 16 KiB per system call, fsync, atomic rename, folder fsync) vs
-  ``dd bs=8M conv=fsync`` into the same folder: target ratio <= 1.1.
+* write 2 GiB: ``Remote.open_write`` on a ``file://`` remote (8 MiB writes, disk writes
+  started every 32 MiB, fsync, atomic rename, folder fsync) vs ``dd bs=8M conv=fsync`` into
+  the same folder: target ratio <= 1.1.
 * peak RSS of ours under 100 MiB writing 1 GiB and 4 GiB (4 GiB in full mode only).
 
 Input: a mixed data file read in 8 MiB chunks (from the page cache: the disk being measured is

@@ -150,12 +150,12 @@ class ReadAhead:
     back to its host that was a large part of a full backup's time; the ring keeps the same
     few MiB hot. A yielded chunk (a memoryview) is valid until the consumer asks for the next.
 
-    ``digest`` is fed each chunk by the reading thread, just after the chunk arrived and while
-    it is still in the CPU's cache: hashing there overlaps with the consumer's writes and costs
-    no extra thread or hand-off (measured: a full backup's hash in its own thread was slower).
+    ``digest`` is fed every chunk by a thread of its own, beside the reading and the writing:
+    hashing in the reading thread made it the slowest stage of a full backup. A buffer is read
+    into again only once both the consumer and the digest are done with it.
 
     An error of the stream is raised to the consumer; a consumer that stops early ends the
-    thread.
+    threads.
     """
 
     def __init__(
@@ -167,13 +167,26 @@ class ReadAhead:
     ) -> None:
         self._stream = stream
         self._digest = digest
-        # the chunks queued ahead and the one the consumer holds
-        self._views = [memoryview(bytearray(chunk_size)) for _ in range(depth + 1)]
+        # the chunks queued ahead and the one the consumer holds, and as many again for the
+        # digest to lag behind the consumer without stalling the reader
+        count = (depth + 1) * (2 if digest is not None else 1)
+        self._views = [memoryview(bytearray(chunk_size)) for _ in range(count)]
+        self._users = 2 if digest is not None else 1
+        self._holders = [0] * count
+        self._lock = threading.Lock()
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for index in range(len(self._views)):
+        for index in range(count):
             self._free.put(index)
         self._ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._to_digest: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stop = threading.Event()
+
+    def _release(self, index: int) -> None:
+        with self._lock:
+            self._holders[index] -= 1
+            if self._holders[index]:
+                return
+        self._free.put(index)
 
     def _fill(self, view: memoryview) -> int:
         readinto = getattr(self._stream, "readinto", None)
@@ -194,28 +207,44 @@ class ReadAhead:
                 if not size:
                     break
                 chunk = self._views[index][:size]
+                self._holders[index] = self._users  # the buffer is nobody's until queued
                 if self._digest is not None:
-                    self._digest.update(chunk)
+                    self._to_digest.put((index, chunk))
                 self._ready.put((index, chunk))
             self._ready.put(_END)
         except BaseException as error:  # handed to the consumer
             self._ready.put(error)
+        finally:
+            self._to_digest.put(_END)
+
+    def _hash(self) -> None:
+        assert self._digest is not None
+        while (item := self._to_digest.get()) is not _END:
+            index, chunk = item
+            self._digest.update(chunk)
+            self._release(index)
 
     def __iter__(self) -> Iterator[memoryview]:
-        thread = threading.Thread(target=self._read, name="read-ahead", daemon=True)
-        thread.start()
+        threads = [threading.Thread(target=self._read, name="read-ahead", daemon=True)]
+        if self._digest is not None:
+            threads.append(threading.Thread(target=self._hash, name="digest", daemon=True))
+        for thread in threads:
+            thread.start()
         try:
             while True:
                 item = self._ready.get()
                 if item is _END:
-                    return
+                    break
                 if isinstance(item, BaseException):
                     raise item
                 index, chunk = item
                 yield chunk
-                self._free.put(index)
+                self._release(index)
         finally:
             self._stop.set()
+        # the digest is complete only once its thread has hashed the last chunk
+        for thread in threads[1:]:
+            thread.join()
 
 
 class BackgroundDigest:

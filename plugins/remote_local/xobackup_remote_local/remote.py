@@ -30,12 +30,13 @@ _WRITE_BUFFER = 8 * 1024 * 1024
 """Small writes are gathered, so that each does not cost a system call of its own."""
 _DIRECT_WRITE = 1024 * 1024
 """Writes of at least this size bypass the buffer."""
-_WRITE_SLICE = 16 * 1024
-"""The most one system call writes. The kernel takes page-cache folios up to the size of a
-write, and on a VM that hands free memory back to its host, large folios come back slowly:
-4 GiB written 3 s after memory was freed took 5 s of kernel time in 1 MiB writes, 0.8–1.1 s
-in 16–64 KiB writes (curl writes 16 KiB at a time). The extra system calls cost about 0.1 s
-per 4 GiB."""
+_WRITE_SLICE = 1024 * 1024
+"""The most one system call writes. Some kernels copy larger writes into the page cache far
+more slowly: on a test VM, 4 MiB writes took 8 times the CPU of the same data in 1 MiB
+writes, while 64 KiB to 1 MiB writes all cost the same."""
+_WRITEBACK_WINDOW = 32 * 1024 * 1024
+"""How often a stream being written starts the disk write of what it wrote, and lets go of
+the pages of the window before (see :meth:`_LocalWriter._written_out`)."""
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -75,10 +76,34 @@ class _LocalWriter(RemoteWriter):
         except OSError as error:
             raise remote.error(error, "open for write", path) from None
         self._buffer = bytearray()
+        self._written = 0
+        self._kicked = 0
+
+    def _written_out(self, size: int) -> None:
+        """Every :data:`_WRITEBACK_WINDOW` bytes, ask the kernel (``POSIX_FADV_DONTNEED``) to
+        start writing the newest window to disk and to drop the window before it, by now
+        written.
+
+        Three gains: the commit's fsync finds the data already on disk (0.9 s to under 0.01 s
+        for a 4 GiB XVA); a backup does not push the host's useful page cache out; and the
+        pages let go are used again for the next writes at once. On a VM that returns free
+        memory to its host, new page-cache pages were the largest cost of writing: a 4 GiB
+        full backup went from 5.5 s to 4.3 s. Dirty data is never dropped, only written.
+        """
+        self._written += size
+        if self._written - self._kicked < _WRITEBACK_WINDOW:
+            return
+        start = max(self._kicked - _WRITEBACK_WINDOW, 0)
+        try:
+            os.posix_fadvise(self._fd, start, self._written - start, os.POSIX_FADV_DONTNEED)
+        except OSError:  # advice only: a filesystem that refuses it loses nothing
+            pass
+        self._kicked = self._written
 
     def _flush_buffer(self) -> None:
         with memoryview(self._buffer) as whole:
             _write_all(self._fd, whole)
+        self._written_out(len(self._buffer))
         self._buffer.clear()
 
     def _write(self, data: memoryview) -> None:
@@ -89,6 +114,7 @@ class _LocalWriter(RemoteWriter):
                 if self._buffer:
                     self._flush_buffer()
                 _write_all(self._fd, data)
+                self._written_out(len(data))
                 return
             self._buffer += data
             if len(self._buffer) >= _WRITE_BUFFER:

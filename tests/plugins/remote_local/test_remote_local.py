@@ -3,6 +3,7 @@ import subprocess
 
 import pytest
 from xobackup_remote_local import LocalRemote
+from xobackup_remote_local import remote as local
 
 from tests.conftest import require, require_tool
 from xobackup_core.errors import RemoteConfigError, RemoteNoSpaceError, RemotePermissionError
@@ -83,3 +84,43 @@ def test_full_filesystem_maps_to_no_space_and_leaves_nothing(small_filesystem):
     assert remote.list("/vm") == []
     assert os.listdir(small_filesystem / "vm") == [], "the partial temp file must be removed"
     assert remote.read_bytes("/earlier-backup.json") == b"{}"
+
+
+def test_a_stream_starts_its_disk_writes_as_it_goes(tmp_path, monkeypatch):
+    """Every window of a long stream is handed to the kernel for writing (and its pages let
+    go) while the stream goes on, so the commit's fsync has little left to write."""
+    advice = []
+    real_fadvise = os.posix_fadvise
+
+    def recording_fadvise(fd, offset, length, how):
+        advice.append((offset, length, how))
+        real_fadvise(fd, offset, length, how)
+
+    monkeypatch.setattr(os, "posix_fadvise", recording_fadvise)
+    window = local._WRITEBACK_WINDOW
+    data = os.urandom(1024 * 1024) * (3 * window // (1024 * 1024) + 5)
+    remote = LocalRemote(tmp_path, name="r")
+    with remote.open_write("/vm/backup.xva") as writer:
+        for start in range(0, len(data), 1024 * 1024):
+            writer.write(data[start : start + 1024 * 1024])
+    assert (tmp_path / "vm" / "backup.xva").read_bytes() == data
+    assert {how for _, _, how in advice} == {os.POSIX_FADV_DONTNEED}
+    assert len(advice) == 3
+    covered = 0
+    for offset, length, _ in advice:
+        assert offset <= covered  # no gap: every byte's write was started
+        assert length <= 2 * window  # the newest window and the one before it
+        covered = offset + length
+    assert covered >= 3 * window
+
+
+def test_a_filesystem_that_refuses_the_advice_still_gets_the_file(tmp_path, monkeypatch):
+    def refusing_fadvise(fd, offset, length, how):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refusing_fadvise)
+    data = os.urandom(1024 * 1024) * (local._WRITEBACK_WINDOW // (1024 * 1024) + 1)
+    remote = LocalRemote(tmp_path, name="r")
+    with remote.open_write("/big.bin") as writer:
+        writer.write(data)
+    assert (tmp_path / "big.bin").read_bytes() == data
