@@ -179,6 +179,9 @@ class Settings(_Strict):
     """Bytes per second for the whole run; 0 is no limit."""
     offlineBackup: bool | None = None
     offlineSnapshot: bool | None = None
+    forceShutdownAfter: Duration | None = None
+    """Offline modes: seconds after which a guest still running after the clean shutdown is
+    powered off hard; 0 waits for it, as Xen Orchestra does."""
     checkpointSnapshot: bool | None = None
     unconditionalSnapshot: bool | None = None
     quiesce: bool | None = None
@@ -215,6 +218,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "maxExportRate": 0,
     "offlineBackup": False,
     "offlineSnapshot": False,
+    "forceShutdownAfter": 0.0,
     "checkpointSnapshot": False,
     "unconditionalSnapshot": False,
     "quiesce": False,

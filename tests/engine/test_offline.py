@@ -138,25 +138,12 @@ def test_a_halted_vm_is_neither_shut_down_nor_started(harness):
 
 
 def test_a_guest_that_ignores_the_shutdown_is_powered_off_after_the_delay(harness):
-    from xobackup_core.engine.limits import LimitValues, PoolLimiter
-    from xobackup_core.engine.runner import JobRunner
-
     sim = harness.sim
     vm_uuid = vm_in_state(sim, "Running")
     sim.set_guest_shutdown(vm_uuid, "ignore")
-    config = harness.config(job(vm_uuid, "delta", offlineSnapshot=True))
+    config = harness.config(job(vm_uuid, "delta", offlineSnapshot=True, forceShutdownAfter="500ms"))
     calls = sim.record_calls()
-    runner = JobRunner(
-        config,
-        harness.plugins,
-        harness.store,
-        limiter=PoolLimiter(LimitValues()),
-        shutdown_force_after=0.5,
-    )
-    try:
-        outcome = runner.run("j")
-    finally:
-        runner.close()
+    outcome = harness.run(config, "j")
     assert outcome.status == "success", run_log(harness, outcome)
     steps = sequence(sim, calls, vm_uuid)
     assert steps == ["clean_shutdown", "hard_shutdown", "snapshot", "start", "export"]

@@ -164,12 +164,8 @@ class JobRunner:
         clock: Callable[[], float] = time.time,
         drivers: Mapping[str, HypervisorDriver] | None = None,
         progress: Progress | None = None,
-        shutdown_force_after: float | None = None,
     ) -> None:
         self.config = config
-        self.shutdown_force_after = shutdown_force_after
-        """Offline backups: seconds after which a guest that ignores the clean shutdown is
-        powered off hard. None (XO's behaviour): wait, and fail the VM if it never halts."""
         self.progress = progress or Progress()
         self.plugins = plugins
         self.log_store = log_store
@@ -561,7 +557,9 @@ class _VmBackup:
             return
         self.progress.stage(self.vm.uuid, "shutdown")
         with self.recorder.task("shutdown", {"mode": self.start_after}, parent=self.task):
-            self.driver.shutdown_vm(self.vm.uuid, force_after=self.runner.shutdown_force_after)
+            # 0 (Xen Orchestra's way): wait; a guest that never halts fails the VM
+            force_after = float(self.settings["forceShutdownAfter"] or 0) or None
+            self.driver.shutdown_vm(self.vm.uuid, force_after=force_after)
             self.stopped = True
 
     def start_vm(self) -> None:
