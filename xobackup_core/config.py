@@ -16,6 +16,7 @@ file, the dotted key and the problem, and lists the valid choices where there ar
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -23,7 +24,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -109,14 +110,52 @@ SecretValue = Annotated[
 ]
 
 
+URL_SECRET_OPTIONS = ("encryptionKey",)
+"""Query options of a remote URL that are secrets (Xen Orchestra writes an encrypted remote as
+``file:///srv/backups?encryptionKey="…"``)."""
+
+
+def split_url_secrets(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without its secret query options, and those options.
+
+    Xen Orchestra JSON-encodes the values of a remote URL's query (``encryptionKey="…"``): a
+    value that is a JSON string is decoded, any other is taken as written.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url, {}
+    kept: list[tuple[str, str]] = []
+    found: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key not in URL_SECRET_OPTIONS:
+            kept.append((key, value))
+            continue
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            decoded = value
+        found[key] = decoded if isinstance(decoded, str) else value
+    if not found:
+        return url, {}
+    return urlunsplit(parts._replace(query=urlencode(kept))), found
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password (or S3 secret key) in its user-info replaced by ``***``."""
+    """``url`` with any password (or S3 secret key) in its user-info, and any secret query
+    option (``encryptionKey``), replaced by ``***``."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<invalid URL>"
+    if any(key in URL_SECRET_OPTIONS for key, _ in parse_qsl(parts.query)):
+        query = [
+            (key, "***" if key in URL_SECRET_OPTIONS else value)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
     if parts.password is None:
-        return url
+        return urlunsplit(parts)
     host = parts.hostname or ""
     if parts.port:
         host += f":{parts.port}"
@@ -292,6 +331,33 @@ class RemoteConfig(_Strict):
     secret_key: SecretValue | None = None
     options: dict[str, Any] = {}
     """Options for the remote plugin (documented by each plugin)."""
+    encryption_key: SecretValue | None = None
+    """The key of an encrypted remote: ``options.encryptionKey``, or ``encryptionKey`` in the
+    URL's query as Xen Orchestra writes it. Kept apart so that it shows as ``***``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _take_encryption_key(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        given = []
+        if isinstance(data.get("url"), str):
+            data["url"], secrets = split_url_secrets(data["url"])
+            if "encryptionKey" in secrets:
+                given.append(("the URL", secrets["encryptionKey"]))
+        if isinstance(data.get("options"), Mapping) and "encryptionKey" in data["options"]:
+            options = dict(data["options"])
+            given.append(("options", options.pop("encryptionKey")))
+            data["options"] = options
+        if data.get("encryption_key") is not None:
+            given.append(("encryption_key", data["encryption_key"]))
+        if len(given) > 1:
+            places = " and ".join(place for place, _ in given)
+            raise ValueError(f"the encryption key is given twice ({places}): keep one")
+        if given:
+            data["encryption_key"] = given[0][1]
+        return data
 
     @field_validator("url")
     @classmethod
@@ -310,6 +376,8 @@ class RemoteConfig(_Strict):
             value = getattr(self, key)
             if value is not None:
                 options[key] = value
+        if self.encryption_key is not None:
+            options["encryptionKey"] = self.encryption_key  # the core's, never the plugin's
         options["name"] = name
         return options
 

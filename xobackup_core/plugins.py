@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from xobackup_core import hookspecs
-from xobackup_core.errors import PluginError
+from xobackup_core.errors import PluginError, RemoteConfigError
 
 if TYPE_CHECKING:
     import click
@@ -172,12 +172,21 @@ class Plugins:
         An ``encryptionKey`` option makes it an encrypted remote (XO's format): the plugin never
         sees the key, and the returned remote encrypts and decrypts every file transparently.
         """
+        from xobackup_core.config import split_url_secrets
         from xobackup_core.remote_encryption import (
             open_encrypted_remote,
             refuse_if_encrypted,
             split_encryption_key,
         )
 
+        url, in_url = split_url_secrets(url)
+        if "encryptionKey" in in_url:
+            if options.get("encryptionKey") is not None:
+                raise RemoteConfigError(
+                    "the encryption key is given twice (the URL and options): keep one",
+                    remote=str(options.get("name", "remote")),
+                )
+            options = {**options, "encryptionKey": in_url["encryptionKey"]}
         options, encryption_key = split_encryption_key(options)
         remote = self._pm.hook.xobackup_remote(url=url, options=options)
         if remote is None:

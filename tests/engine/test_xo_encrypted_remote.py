@@ -13,6 +13,7 @@ import hashlib
 import json
 import tarfile
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from xobackup_hypervisor_xcpng.sim import Simulator
@@ -20,10 +21,10 @@ from xobackup_hypervisor_xcpng.sim import Simulator
 from tests.core.conftest import run_cli
 from tests.engine.conftest import Harness
 from xobackup_core import remote_encryption
-from xobackup_core.config import Secret
+from xobackup_core.config import Secret, load_config, parse_config, redact_url
 from xobackup_core.engine.repository import BackupRepository, format_timestamp
 from xobackup_core.engine.restore import restore_backup
-from xobackup_core.errors import FormatError, RemoteConfigError
+from xobackup_core.errors import ConfigError, FormatError, RemoteConfigError
 from xobackup_core.formats.vhd_chain import open_vhd_chain
 from xobackup_core.formats.vhd_directory import remote_disk_opener
 from xobackup_core.plugins import Plugins
@@ -133,6 +134,47 @@ def test_backups_list_on_an_encrypted_xo_remote(xo_remote, tmp_path):
         assert rows[path]["mode"] == backup["mode"]
     [xva] = EXPECTED["vms"][XVA_VM]["backups"]
     assert rows[metadata_path(XVA_VM, xva["timestamp"])]["size"] == xva["xvaSize"]
+
+
+def test_the_key_in_the_url_as_xo_writes_it(xo_remote, tmp_path):
+    """``file://…?encryptionKey="…"`` (Xen Orchestra's remote URL, JSON-encoded value) opens
+    the encrypted remote; the key shows nowhere, and the plugin never gets it in its URL."""
+    url = f"file://{xo_remote}?encryptionKey={quote(json.dumps(KEY))}"
+    config = tmp_path / "url.toml"
+    config.write_text(f"log_db = \"{tmp_path}/logs.sqlite\"\n[remotes.xo]\nurl = '{url}'\n")
+    result = run_cli("--config", str(config), "backups", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    assert {row["vmName"] for row in json.loads(result.stdout)} == {
+        spec["name"] for spec in EXPECTED["vms"].values()
+    }
+    loaded = load_config(config)
+    assert loaded.remotes["xo"].url == f"file://{xo_remote}"
+    assert loaded.remotes["xo"].encryption_key.reveal() == KEY
+    assert KEY not in loaded.model_dump_json() and KEY not in redact_url(url)
+    # the same URL given straight to the command line
+    listed = run_cli("backups", "list", "--remote", url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert KEY not in listed.stdout + listed.stderr
+    assert len(json.loads(listed.stdout)) == len(json.loads(result.stdout))
+
+
+def test_a_key_given_in_options_never_shows_in_a_dump(tmp_path):
+    root = tmp_path / "enc"
+    config = parse_config(
+        {"remotes": {"enc": {"url": f"file://{root}", "options": {"encryptionKey": KEY}}}}
+    )
+    assert config.remotes["enc"].options == {}
+    assert config.remotes["enc"].plugin_options("enc")["encryptionKey"].reveal() == KEY
+    assert KEY not in config.model_dump_json() and KEY not in repr(config)
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    url = f"file://{tmp_path}?encryptionKey={quote(json.dumps(KEY))}"
+    with pytest.raises(ConfigError, match="given twice") as refused:
+        parse_config({"remotes": {"enc": {"url": url, "options": {"encryptionKey": KEY}}}})
+    assert KEY not in str(refused.value)
+    with pytest.raises(RemoteConfigError, match="given twice"):
+        Plugins().remote(url, {"name": "enc", "encryptionKey": Secret(KEY)})
 
 
 # -- reading and restoring -----------------------------------------------------------------------

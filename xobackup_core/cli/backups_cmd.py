@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import click
 
 from xobackup_core.cli.context import AppContext, pass_app
+from xobackup_core.config import redact_url
 from xobackup_core.engine.repository import BackupRepository
 from xobackup_core.errors import UsageError
 
@@ -40,13 +41,14 @@ def list_command(
         raise UsageError("no remote is configured; add a [remotes.<name>] table or pass --remote")
     rows = []
     for name in names:
+        shown = redact_url(name) if "://" in name else name  # a URL may carry secrets
         with app.open_remote(name) as remote:
             repository = BackupRepository(remote)
             for vm_uuid in repository.list_vms():
                 for backup in repository.list_backups(vm_uuid):
                     if vm_filter and vm_filter not in (backup.vm_uuid, backup.vm_name):
                         continue
-                    rows.append(backup.listing(name))
+                    rows.append(backup.listing(shown))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from xobackup_core.cli.context import AppContext, pass_app
+from xobackup_core.config import redact_url
 from xobackup_core.engine.repository import BackupRepository
 from xobackup_core.engine.restore import parse_backup_ref, restore_backup
 from xobackup_core.errors import FormatError, RemoteNotFoundError, UsageError
@@ -46,7 +47,7 @@ def restore_command(
         try:
             metadata = BackupRepository(remote).read_metadata(path)
         except RemoteNotFoundError:
-            raise UsageError(f"no backup {path} on remote {remote_name!r}") from None
+            raise UsageError(f"no backup {path} on remote {redact_url(remote_name)!r}") from None
         except FormatError as error:
             raise UsageError(f"{backup} is not a readable backup: {error}") from None
         candidates = list(config.servers)

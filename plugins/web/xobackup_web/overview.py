@@ -67,7 +67,7 @@ class SecretScrubber:
                 values.append(server.password.reveal())
             values.append(urlsplit(server.url).password or "")
         for remote in config.remotes.values():
-            for secret in (remote.password, remote.secret_key):
+            for secret in (remote.password, remote.secret_key, remote.encryption_key):
                 if secret is not None:
                     values.append(secret.reveal())
             try:
