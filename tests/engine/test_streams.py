@@ -119,3 +119,22 @@ def test_fanout_gives_every_target_every_byte_and_drops_a_failing_one():
     assert dropped == ["broken"] and "no space" in str(targets[1].error)
     assert digest.hexdigest() == hashlib.md5(data).hexdigest()
     assert targets[0].written == len(data)
+
+
+def test_a_failing_digest_fails_the_copy_instead_of_hanging_it():
+    class BrokenDigest:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def update(self, data) -> None:
+            self.calls += 1
+            if self.calls == 3:
+                raise ValueError("digest broke")
+
+    data = os.urandom(CHUNK * 30)
+    seen = 0
+    digest = BrokenDigest()
+    with pytest.raises(ValueError, match="digest broke"):
+        for chunk in ReadAhead(SlowStream(data), CHUNK, depth=2, digest=digest):
+            seen += len(chunk)
+    assert seen == len(data)  # the stream went on to its end: no buffer was left held

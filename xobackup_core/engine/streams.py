@@ -180,6 +180,7 @@ class ReadAhead:
         self._ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._to_digest: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._digest_error: BaseException | None = None
 
     def _release(self, index: int) -> None:
         with self._lock:
@@ -221,7 +222,12 @@ class ReadAhead:
         assert self._digest is not None
         while (item := self._to_digest.get()) is not _END:
             index, chunk = item
-            self._digest.update(chunk)
+            if self._digest_error is None:
+                try:
+                    self._digest.update(chunk)
+                except BaseException as error:  # raised to the consumer at the end
+                    self._digest_error = error
+            # released even after a failure: the reader waits for this buffer
             self._release(index)
 
     def __iter__(self) -> Iterator[memoryview]:
@@ -245,6 +251,8 @@ class ReadAhead:
         # the digest is complete only once its thread has hashed the last chunk
         for thread in threads[1:]:
             thread.join()
+        if self._digest_error is not None:
+            raise self._digest_error
 
 
 class BackgroundDigest:
