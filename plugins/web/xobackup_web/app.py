@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
+import swagger_ui_bundle
 from fastapi import FastAPI, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -272,14 +274,31 @@ def create_app(overview: Overview, auth: Auth) -> FastAPI:
         "Every call needs `Authorization: Bearer <token>` unless the server listens on "
         "loopback without a token. POST calls also need the header "
         f"`{CSRF_HEADER}: xobackup` unless they carry the bearer token.",
-        docs_url="/api/docs",
+        docs_url=None,  # served below, from this package's files rather than a CDN
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
     app.state.overview = overview
     templates = _templates(overview)
     scrub = overview.scrubber
+    # Swagger UI's files come with the swagger-ui-bundle package: backup servers often have no
+    # way out to the internet, and the API page must work there too.
+    app.mount(
+        "/static/swagger-ui",
+        StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
+        name="swagger-ui",
+    )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.get("/api/docs", include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/api/openapi.json",
+            title="xobackup API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/favicon.ico",
+        )
 
     # -- guard -------------------------------------------------------------------------------
     @app.middleware("http")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from tests.plugins.web.conftest import REMOTE_SECRET, SECRETS, SERVER_SECRET, Site
@@ -113,6 +114,18 @@ def test_openapi_documents_the_api(site: Site):
     assert "post" in paths["/api/jobs/{job}/run"]
     assert "409" in paths["/api/jobs/{job}/run"]["post"]["responses"]
     assert docs.status_code == 200 and "openapi.json" in docs.text
+
+
+def test_the_api_page_needs_nothing_from_the_internet(site: Site):
+    """Swagger UI's script and style come from this server: backup servers are often offline."""
+    with site.client() as client:
+        page = client.get("/api/docs").text
+        sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+        assert sources and not [s for s in sources if "://" in s or s.startswith("//")], sources
+        for source in sources:
+            if source.endswith((".js", ".css")):
+                served = client.get(source)
+                assert served.status_code == 200 and len(served.content) > 10_000, source
 
 
 def test_no_secret_in_any_page_or_answer(site: Site):
