@@ -141,6 +141,22 @@ def split_url_secrets(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(query=urlencode(kept))), found
 
 
+def url_secrets_into_options(url: str, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``url`` without its secret query options, and ``options`` with them added.
+
+    ValueError when an option is set both ways (an empty value counts as not set, as an empty
+    ``encryptionKey`` means no encryption).
+    """
+    url, secrets = split_url_secrets(url)
+    merged = dict(options)
+    for key, value in secrets.items():
+        if value and merged.get(key) not in (None, ""):
+            raise ValueError(f"{key} is given twice (the URL and options): keep one")
+        if value or key not in merged:
+            merged[key] = value
+    return url, merged
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password (or S3 secret key) in its user-info, and any secret query
     option (``encryptionKey``), replaced by ``***``."""
@@ -148,11 +164,9 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<invalid URL>"
-    if any(key in URL_SECRET_OPTIONS for key, _ in parse_qsl(parts.query)):
-        query = [
-            (key, "***" if key in URL_SECRET_OPTIONS else value)
-            for key, value in parse_qsl(parts.query, keep_blank_values=True)
-        ]
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key in URL_SECRET_OPTIONS for key, _ in query):
+        query = [(key, "***" if key in URL_SECRET_OPTIONS else value) for key, value in query]
         parts = parts._replace(query=urlencode(query, safe="*"))
     if parts.password is None:
         return urlunsplit(parts)
@@ -341,22 +355,19 @@ class RemoteConfig(_Strict):
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
-        given = []
-        if isinstance(data.get("url"), str):
-            data["url"], secrets = split_url_secrets(data["url"])
-            if "encryptionKey" in secrets:
-                given.append(("the URL", secrets["encryptionKey"]))
-        if isinstance(data.get("options"), Mapping) and "encryptionKey" in data["options"]:
-            options = dict(data["options"])
-            given.append(("options", options.pop("encryptionKey")))
-            data["options"] = options
+        options = data.get("options", {})
+        if not isinstance(data.get("url"), str) or not isinstance(options, Mapping):
+            return data  # pydantic reports the wrong types
+        data["url"], options = url_secrets_into_options(data["url"], options)
+        key = options.pop("encryptionKey", None)
+        data["options"] = options
+        if key in (None, ""):  # an empty key: no encryption, as before it moved here
+            return data
         if data.get("encryption_key") is not None:
-            given.append(("encryption_key", data["encryption_key"]))
-        if len(given) > 1:
-            places = " and ".join(place for place, _ in given)
-            raise ValueError(f"the encryption key is given twice ({places}): keep one")
-        if given:
-            data["encryption_key"] = given[0][1]
+            raise ValueError(
+                "encryptionKey is given twice (the URL or options, and encryption_key): keep one"
+            )
+        data["encryption_key"] = key
         return data
 
     @field_validator("url")

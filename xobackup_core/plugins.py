@@ -169,24 +169,21 @@ class Plugins:
     def remote(self, url: str, options: Mapping[str, Any]) -> Remote:
         """Open the remote at ``url``; PluginError naming the installed schemes if none fits.
 
-        An ``encryptionKey`` option makes it an encrypted remote (XO's format): the plugin never
-        sees the key, and the returned remote encrypts and decrypts every file transparently.
+        An ``encryptionKey`` option, or one in the URL's query as Xen Orchestra writes it, makes
+        it an encrypted remote (XO's format): the plugin never sees the key, and the returned
+        remote encrypts and decrypts every file transparently.
         """
-        from xobackup_core.config import split_url_secrets
+        from xobackup_core.config import url_secrets_into_options
         from xobackup_core.remote_encryption import (
             open_encrypted_remote,
             refuse_if_encrypted,
             split_encryption_key,
         )
 
-        url, in_url = split_url_secrets(url)
-        if "encryptionKey" in in_url:
-            if options.get("encryptionKey") is not None:
-                raise RemoteConfigError(
-                    "the encryption key is given twice (the URL and options): keep one",
-                    remote=str(options.get("name", "remote")),
-                )
-            options = {**options, "encryptionKey": in_url["encryptionKey"]}
+        try:
+            url, options = url_secrets_into_options(url, options)
+        except ValueError as error:
+            raise RemoteConfigError(str(error), remote=str(options.get("name", "remote"))) from None
         options, encryption_key = split_encryption_key(options)
         remote = self._pm.hook.xobackup_remote(url=url, options=options)
         if remote is None:

@@ -168,6 +168,19 @@ def test_a_key_given_in_options_never_shows_in_a_dump(tmp_path):
     assert KEY not in config.model_dump_json() and KEY not in repr(config)
 
 
+def test_an_empty_key_means_a_plain_remote(tmp_path):
+    """XO may write ``encryptionKey=""`` for a remote that is not encrypted."""
+    for remote in (
+        {"url": f"file://{tmp_path}?encryptionKey=%22%22"},
+        {"url": f"file://{tmp_path}", "options": {"encryptionKey": ""}},
+    ):
+        config = parse_config({"remotes": {"plain": remote}})
+        assert config.remotes["plain"].encryption_key is None
+        assert config.remotes["plain"].url == f"file://{tmp_path}"
+        opened = Plugins().remote(remote["url"], config.remotes["plain"].plugin_options("plain"))
+        assert not isinstance(opened, EncryptedRemote)
+
+
 def test_a_key_given_twice_is_refused(tmp_path):
     url = f"file://{tmp_path}?encryptionKey={quote(json.dumps(KEY))}"
     with pytest.raises(ConfigError, match="given twice") as refused:
