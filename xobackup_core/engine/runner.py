@@ -728,8 +728,13 @@ class _VmBackup:
                         data={"target": target, "path": path},
                     )
                 )
-            # every remote gets the same bytes: one checksum of the stream serves them all
-            digest = hashlib.new(xva_checksum_algorithm(), usedforsecurity=False)
+            # every remote gets the same bytes: one checksum of the stream serves them all (and
+            # an export only to SRs needs none)
+            digest = (
+                hashlib.new(xva_checksum_algorithm(), usedforsecurity=False)
+                if fan_targets
+                else None
+            )
 
             def dropped(t: Target) -> None:
                 if "sr" not in t.data:
@@ -753,7 +758,7 @@ class _VmBackup:
                 raise XobackupError(message) from error
             fanout.finish()
         replicated = self.replication.finish_dr(sr_fan_targets, timestamp_ms, stamp)
-        checksum = xva_checksum(digest)
+        checksum = xva_checksum(digest) if digest is not None else ""
         for fan_target in fan_targets:
             handle = tasks[fan_target.name]
             if fan_target.error is not None:
